@@ -1,0 +1,38 @@
+# Two commands: `make demo` and `make test`. Each creates .venv and installs pinned
+# requirements once (stamp files make a second run install nothing), then runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export PYTHONDONTWRITEBYTECODE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test lint install install-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+demo: $(VENV)/.runtime
+	$(BIN)/clp-jax demo --out demo_out
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q tests
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check clp_jax tests scripts
+
+clean:
+	rm -rf demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint I/O: read into sharded arrays, write back atomically."""

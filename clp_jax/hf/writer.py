@@ -1,0 +1,163 @@
+"""Write parameters back as a Hugging Face model dir that transformers loads.
+
+Safetensors (sharded above ``max_shard_size``, with an index), config.json, generation_config.json and
+tokenizer files go into a temporary dir next to the target, renamed into place at the end: a failure
+leaves nothing half-written. Parameters are gathered to the host one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from clp_jax import models
+from clp_jax.errors import ClpError
+from clp_jax.models.config import TransformerConfig
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def hf_config_dict(cfg: TransformerConfig, base: dict[str, Any] | None = None,
+                   tokenizer: Any | None = None) -> dict[str, Any]:
+    """config.json content: ``base`` (the source's) with our vocab/tying, or a fresh one from ``cfg``."""
+    import transformers
+
+    family = models.family(cfg.arch)
+    if base is None:
+        data = transformers.AutoConfig.for_model(**family.to_hf(cfg)).to_dict()
+    else:
+        data = dict(base)
+        data.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings)
+    data.pop("torch_dtype", None)
+    data["dtype"] = cfg.param_dtype
+    if tokenizer is not None:
+        for role in ("bos", "eos", "pad"):
+            data[f"{role}_token_id"] = getattr(tokenizer, f"{role}_token_id")
+    check = family.from_hf(transformers.AutoConfig.for_model(**data))
+    keep = ("dtype", "param_dtype", "remat", "initializer_range")
+    if check.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
+        raise ValueError(f"config.json would not describe this model: {check} != {cfg}")
+    return data
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def hf_tensors(params: dict, cfg: TransformerConfig) -> Iterable[tuple[str, np.ndarray]]:
+    """(HF name, host array) for every checkpoint tensor, produced one at a time."""
+    family = models.family(cfg.arch)
+    for spec in family.weight_specs(cfg):
+        parts = [_to_host(_lookup(params, p)) for p in spec.paths]
+        name = spec.hf_name if spec.top_level else family.BASE_PREFIX + spec.hf_name
+        yield name, np.ascontiguousarray(spec.to_hf(*parts))
+
+
+def _write_safetensors(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,
+                       total: int) -> None:
+    from safetensors.numpy import save_file
+
+    shards: list[list[str]] = []
+    pending: dict[str, np.ndarray] = {}
+    size = grand_total = 0
+
+    def flush() -> None:
+        nonlocal pending, size
+        if pending:
+            save_file(pending, os.path.join(tmp, f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
+            shards.append(list(pending))
+            pending, size = {}, 0
+
+    for name, arr in tqdm(tensors, total=total, desc="write safetensors", unit="tensor", leave=False):
+        if pending and size + arr.nbytes > max_shard_bytes:
+            flush()
+        pending[name] = arr
+        size += arr.nbytes
+        grand_total += arr.nbytes
+    flush()
+    if len(shards) == 1:
+        os.rename(os.path.join(tmp, "shard-00000.tmp"), os.path.join(tmp, "model.safetensors"))
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.rename(os.path.join(tmp, f"shard-{i:05d}.tmp"), os.path.join(tmp, final))
+        weight_map.update({n: final for n in names})
+    _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                {"metadata": {"total_size": grand_total}, "weight_map": weight_map})
+
+
+def _write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def atomic_dir(out_dir: str, fill: Callable[[str], None], overwrite: bool = False) -> None:
+    """Run ``fill(tmp_dir)`` then rename tmp_dir to ``out_dir``; on failure nothing is left behind."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ClpError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        fill(tmp)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(out_dir: str, params: dict, cfg: TransformerConfig, *, base_config: dict | None = None,
+                    tokenizer: Any | None = None, generation_config: dict | None = None,
+                    extra_json: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    overwrite: bool = False) -> None:
+    """Write an HF model dir (weights, config, generation config, tokenizer, extra JSON files)."""
+    config = hf_config_dict(cfg, base_config, tokenizer)
+    total = len(models.family(cfg.arch).weight_specs(cfg))
+    tensors = hf_tensors(params, cfg)
+    if jax.process_index() != 0:  # every process takes part in the gathers; process 0 writes
+        for _ in tensors:
+            pass
+        return
+
+    def fill(tmp: str) -> None:
+        _write_safetensors(tmp, tensors, max_shard_bytes, total)
+        _write_json(os.path.join(tmp, "config.json"), config)
+        gen = dict(generation_config or {})
+        gen.setdefault("_from_model_config", True)
+        for role in ("bos", "eos", "pad"):
+            if config.get(f"{role}_token_id") is not None:
+                gen[f"{role}_token_id"] = config[f"{role}_token_id"]
+        _write_json(os.path.join(tmp, "generation_config.json"), gen)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, data in (extra_json or {}).items():
+            _write_json(os.path.join(tmp, name), data)
+
+    atomic_dir(out_dir, fill, overwrite)

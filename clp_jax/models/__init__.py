@@ -1,0 +1,56 @@
+"""Flax decoder models (GPT-2, Llama family, BLOOM) as pure functions over plain parameter dicts."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clp_jax.models import bloom, gpt2, llama
+from clp_jax.models.config import TransformerConfig
+from clp_jax.models.transformer import Transformer
+
+_FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bloom)
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in _FAMILIES for t in f.MODEL_TYPES)
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "Transformer", "TransformerConfig", "apply", "family", "init_params",
+           "param_axes", "param_shapes"]
+
+
+def family(name: str) -> ModuleType:
+    """The module (gpt2, llama, bloom) handling an HF ``model_type`` or our ``arch``."""
+    for f in _FAMILIES:
+        if name in f.MODEL_TYPES or name == f.__name__.rsplit(".", 1)[-1]:
+            return f
+    raise ValueError(f"unsupported model_type {name!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
+def _boxed_shapes(cfg: TransformerConfig) -> Any:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), tokens))["params"]
+
+
+def param_axes(cfg: TransformerConfig) -> Any:
+    """Tree of logical axis-name tuples, one per parameter (the input of ``sharding.tree_shardings``)."""
+    specs = nn.get_partition_spec(_boxed_shapes(cfg))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def param_shapes(cfg: TransformerConfig) -> Any:
+    """Tree of ``jax.ShapeDtypeStruct`` for every parameter, without allocating."""
+    return nn.meta.unbox(_boxed_shapes(cfg))
+
+
+def init_params(cfg: TransformerConfig, rng: jax.Array) -> Any:
+    """Random parameters (normal(initializer_range), GPT-2's depth-scaled output projections)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(Transformer(cfg).init(rng, tokens)["params"])
+
+
+def apply(params: Any, cfg: TransformerConfig, tokens: jax.Array, positions: jax.Array | None = None,
+          segment_ids: jax.Array | None = None) -> jax.Array:
+    """Float32 logits [B, T, vocab]; segment id 0 marks padding, equal ids attend within a document."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)

@@ -1,0 +1,85 @@
+"""One architecture-neutral description of a decoder-only transformer (GPT-2, Llama family, BLOOM)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+Arch = Literal["gpt2", "llama", "bloom"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Everything the Flax decoder needs; built from (and written back to) a Hugging Face config."""
+
+    arch: Arch
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_eps: float
+    activation: Literal["gelu_tanh", "gelu", "silu", "relu"]
+    gated_mlp: bool
+    position: Literal["learned", "rope", "alibi"]
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of HF rope parameters
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True
+    embed_norm: bool = False
+    tie_word_embeddings: bool = True
+    residual_from_norm: bool = False  # BLOOM's apply_residual_connection_post_layernorm
+    scale_attn_by_inverse_layer_idx: bool = False  # GPT-2 option
+    sliding_window: int | None = None
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # stored dtype
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(DTYPES)}")
+
+    @property
+    def compute_dtype(self) -> Any:
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> Any:
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> TransformerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings included, tied output counted once)."""
+        e, h, kv, d, m, v = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                             self.intermediate_size, self.vocab_size)
+        attn = e * d * (h + 2 * kv) + h * d * e
+        if self.qkv_bias:
+            attn += d * (h + 2 * kv)
+        if self.out_bias:
+            attn += e
+        mlp = e * m * (3 if self.gated_mlp else 2) + ((m * (2 if self.gated_mlp else 1) + e) if self.mlp_bias else 0)
+        norm = e * (2 if self.norm_bias else 1)
+        total = self.num_layers * (attn + mlp + 2 * norm) + norm + v * e
+        if self.position == "learned":
+            total += self.max_position_embeddings * e
+        if self.embed_norm:
+            total += norm
+        if not self.tie_word_embeddings:
+            total += v * e
+        return total

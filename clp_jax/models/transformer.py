@@ -1,0 +1,168 @@
+"""The Flax decoder shared by GPT-2, Llama-family and BLOOM models; configs decide the differences.
+
+Parameter tree (plain nested dicts), the same for every architecture:
+  embed/embedding [vocab, embed]; pos_embed/embedding (learned positions); embed_norm (BLOOM);
+  layers_{i}/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{up, gate?, down}}; final_norm;
+  lm_head/kernel [embed, vocab] when embeddings are untied.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clp_jax.models.config import TransformerConfig
+from clp_jax.models.layers import (
+    Norm,
+    activation,
+    alibi_slopes,
+    apply_rope,
+    attention_mask,
+    dot_product_attention,
+    param,
+    rope_inv_freq,
+)
+
+Array = jax.Array
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias) contracting the last ``len(in_axes)`` dims; kernel shape in_shape + out_shape."""
+
+    cfg: TransformerConfig
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool
+    init_scale: float = 1.0
+    f32_output: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        init = nn.initializers.normal(cfg.initializer_range * self.init_scale)
+        w = param(self, "kernel", init, self.in_shape + self.out_shape, self.in_axes + self.out_axes,
+                  cfg.weight_dtype)
+        n_in = len(self.in_shape)
+        y = jax.lax.dot_general(x, w.astype(cfg.compute_dtype),
+                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
+                                preferred_element_type=jnp.float32)
+        if self.use_bias:
+            b = param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes, cfg.weight_dtype)
+            y = y + b.astype(jnp.float32)
+        return y if self.f32_output else y.astype(cfg.compute_dtype)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None) -> Array:
+        cfg = self.cfg
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = Dense(cfg, (e,), (h, d), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q")(x)
+        k = Dense(cfg, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k")(x)
+        v = Dense(cfg, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v")(x)
+        if cfg.position == "rope":
+            inv = rope_inv_freq(cfg)
+            q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+        scale = d**-0.5
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        out = dot_product_attention(q, k, v, mask, bias, scale)
+        return Dense(cfg, (h, d), (e,), ("heads", "head_dim"), ("embed",), cfg.out_bias,
+                     init_scale=(2 * cfg.num_layers) ** -0.5, name="o")(out)
+
+
+class Mlp(nn.Module):
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        up = Dense(cfg, (e,), (m,), ("embed",), ("mlp",), cfg.mlp_bias, name="up")(x)
+        if cfg.gated_mlp:
+            gate = Dense(cfg, (e,), (m,), ("embed",), ("mlp",), cfg.mlp_bias, name="gate")(x)
+            hidden = activation(cfg.activation, gate) * up
+        else:
+            hidden = activation(cfg.activation, up)
+        return Dense(cfg, (m,), (e,), ("mlp",), ("embed",), cfg.mlp_bias,
+                     init_scale=(2 * cfg.num_layers) ** -0.5, name="down")(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; BLOOM may take the residual from the normed input."""
+
+    cfg: TransformerConfig
+    layer_idx: int
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None) -> Array:
+        cfg = self.cfg
+        h = Norm(cfg, name="attn_norm")(x)
+        x = (h if cfg.residual_from_norm else x) + Attention(cfg, self.layer_idx, name="attn")(h, positions, mask, bias)
+        h = Norm(cfg, name="mlp_norm")(x)
+        return (h if cfg.residual_from_norm else x) + Mlp(cfg, name="mlp")(h)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM: token ids [B, T] -> logits [B, T, vocab] in float32."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
+                 return_hidden: bool = False) -> Array:
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), dtype=jnp.int32)
+        embedding = _Embed(cfg, name="embed")
+        x = embedding(tokens)
+        if cfg.position == "learned":
+            x = x + _Embed(cfg, rows=cfg.max_position_embeddings, axis=None, name="pos_embed")(positions)
+        if cfg.embed_norm:
+            x = Norm(cfg, name="embed_norm")(x)
+        mask = attention_mask(segment_ids, positions, cfg.sliding_window)
+        bias = None
+        if cfg.position == "alibi":
+            slopes = jnp.asarray(alibi_slopes(cfg.num_heads))
+            bias = slopes[None, :, None, None] * positions[:, None, None, :].astype(jnp.float32)
+        block = nn.remat(Block) if cfg.remat else Block
+        for i in range(cfg.num_layers):
+            x = block(cfg, i, name=f"layers_{i}")(x, positions, mask, bias)
+        x = Norm(cfg, name="final_norm")(x)
+        if return_hidden:
+            return x
+        if cfg.tie_word_embeddings:
+            return embedding.attend(x)
+        return Dense(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), False,
+                     f32_output=True, name="lm_head")(x)
+
+
+class _Embed(nn.Module):
+    """Embedding table [rows, embed]; ``attend`` gives float32 logits against it (tied output)."""
+
+    cfg: TransformerConfig
+    rows: int | None = None
+    axis: str | None = "vocab"
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.embedding = param(self, "embedding", nn.initializers.normal(cfg.initializer_range),
+                               (self.rows or cfg.vocab_size, cfg.hidden_size), (self.axis, "embed"),
+                               cfg.weight_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.compute_dtype)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("bte,ve->btv", x, self.embedding.astype(self.cfg.compute_dtype),
+                          preferred_element_type=jnp.float32)
+

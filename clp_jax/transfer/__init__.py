@@ -1,0 +1,1 @@
+"""Transfer: token alignment, CLP embeddings and baselines."""

@@ -1,0 +1,46 @@
+"""Shared fixtures: 8 simulated devices, tiny tokenizers and tiny random HF models made in the test."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+
+WORDS_EN = ("the house is small and the garden is green we walk to the river every morning "
+            "a child reads a book while the old man sleeps near the window light rain falls today").split()
+WORDS_DE = ("das haus ist klein und der garten ist grün wir gehen jeden morgen zum fluss ein kind liest "
+            "ein buch während der alte mann am fenster schläft heute fällt leichter regen über straße").split()
+
+
+def make_sentences(words, n, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))).capitalize() + "." for _ in range(n)]
+
+
+def train_byte_level_tokenizer(texts, vocab_size=300):
+    """A GPT-2 style byte-level BPE tokenizer trained on ``texts``, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def en_tokenizer():
+    return train_byte_level_tokenizer(make_sentences(WORDS_EN, 400))
+
+
+@pytest.fixture(scope="session")
+def de_tokenizer():
+    return train_byte_level_tokenizer(make_sentences(WORDS_DE, 400, seed=1), vocab_size=320)
