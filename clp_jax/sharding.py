@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from clp_jax.config import ConfigModel
 from clp_jax.errors import ClpError
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
@@ -35,6 +36,14 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "qkv": (),
     "norm": (),
 }
+
+
+class MeshConfig(ConfigModel):
+    """Mesh sizes along (data, fsdp, tensor); one may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
 
 
 def make_mesh(
@@ -109,3 +118,8 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """Global batch sizes must be multiples of this (the devices along the batch axes)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def mesh_from_config(cfg: MeshConfig) -> Mesh:
+    """The mesh a run's ``mesh:`` section asks for."""
+    return make_mesh(cfg.data, cfg.fsdp, cfg.tensor)

@@ -31,16 +31,17 @@ def hf_config_dict(cfg: TransformerConfig, base: dict[str, Any] | None = None,
     import transformers
 
     family = models.family(cfg.arch)
+    ids = {f"{r}_token_id": getattr(tokenizer, f"{r}_token_id") if tokenizer is not None else None
+           for r in ("bos", "eos", "pad")}
     if base is None:
-        data = transformers.AutoConfig.for_model(**family.to_hf(cfg)).to_dict()
+        data = transformers.AutoConfig.for_model(**family.to_hf(cfg), **ids).to_dict()
     else:
         data = dict(base)
         data.update(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_word_embeddings)
+        if tokenizer is not None:
+            data.update(ids)
     data.pop("torch_dtype", None)
     data["dtype"] = cfg.param_dtype
-    if tokenizer is not None:
-        for role in ("bos", "eos", "pad"):
-            data[f"{role}_token_id"] = getattr(tokenizer, f"{role}_token_id")
     check = family.from_hf(transformers.AutoConfig.for_model(**data))
     keep = ("dtype", "param_dtype", "remat", "initializer_range")
     if check.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:

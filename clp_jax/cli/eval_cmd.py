@@ -1,0 +1,76 @@
+"""`clp-jax eval`: perplexity of a Hugging Face model dir on a text file (one document per line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Literal
+
+import pydantic
+
+from clp_jax.cli.common import add_config_args, print_result, read_lines, resolve_config
+from clp_jax.config import ConfigModel, save_config
+from clp_jax.errors import ClpError
+from clp_jax.eval.perplexity import encode_documents, perplexity
+from clp_jax.hf.reader import load_params, read_config
+from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
+from clp_jax.hf.writer import atomic_dir
+from clp_jax.sharding import MeshConfig, mesh_from_config
+
+
+class EvalConfig(ConfigModel):
+    """What `clp-jax eval` reads; flags set the same keys."""
+
+    model: str
+    data: str
+    seq_len: int = pydantic.Field(1024, ge=2)
+    batch_size: int = pydantic.Field(8, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    mesh: MeshConfig = MeshConfig()
+    out: str | None = None
+
+
+def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "eval", parents=parents, help="perplexity of an HF model dir on a text file",
+        description="Perplexity of a Hugging Face model dir on a text file. Each non-empty line is one document, "
+                    "encoded with the model's tokenizer defaults, truncated to --seq-len tokens and never packed "
+                    "with another; documents under 2 tokens are skipped. The last stdout line is JSON with loss "
+                    "(mean next-token cross-entropy in nats over all predicted tokens), ppl and tokens.")
+    p.add_argument("--model", help="HF model dir (config.json, safetensors, tokenizer files)")
+    p.add_argument("--data", help="UTF-8 text file, one document per line")
+    p.add_argument("--seq-len", type=int, help="truncate documents to this many tokens (default 1024)")
+    p.add_argument("--batch-size", type=int, help="documents per batch (default 8); does not change the result")
+    p.add_argument("--dtype", help="compute dtype: float32 (default) or bfloat16; weights keep their dtype")
+    p.add_argument("--out", help="optional dir to write eval.json and the resolved config.yaml")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(EvalConfig, args, {"model": "model", "data": "data", "seq_len": "seq_len",
+                                            "batch_size": "batch_size", "dtype": "dtype", "out": "out"})
+    start = time.perf_counter()
+    model_cfg = read_config(cfg.model, dtype=cfg.dtype)
+    tokenizer = load_tokenizer(cfg.model)
+    check_tokenizer_fits(tokenizer, model_cfg.vocab_size, cfg.model)
+    lines = read_lines(cfg.data)
+    mesh = mesh_from_config(cfg.mesh)
+    docs, skipped = encode_documents(tokenizer, lines, cfg.seq_len)
+    if not docs:
+        raise ClpError(f"{cfg.data}: no document has 2 or more tokens")
+    model_cfg, params = load_params(cfg.model, mesh, model_cfg)
+    result = perplexity(params, model_cfg, mesh, docs, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                        skipped=skipped).to_dict()
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    if cfg.out:
+        def fill(tmp: str) -> None:
+            save_config(cfg, os.path.join(tmp, "config.yaml"))
+            with open(os.path.join(tmp, "eval.json"), "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+
+        atomic_dir(cfg.out, fill, overwrite=True)
+    print_result(result)
+    return 0

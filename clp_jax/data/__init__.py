@@ -1,0 +1,1 @@
+"""Data: sources, tokenization, packing and multilingual mixtures."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity now; generation metrics as post-training lands."""
