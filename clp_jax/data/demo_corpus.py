@@ -26,7 +26,8 @@ def demo_texts(lang: str) -> list[str]:
     try:
         root = importlib.resources.files("chatterbot_corpus") / "data" / LANGUAGES[lang]
     except ModuleNotFoundError:
-        raise ClpError("the demo corpus needs the chatterbot-corpus package (pip install -r requirements.txt)") from None
+        raise ClpError("the demo corpus needs the chatterbot-corpus package "
+                       "(pip install -r requirements.txt)") from None
     seen: dict[str, None] = {}
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if not entry.name.endswith((".yml", ".yaml")):
