@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
                                             "batch_size": "batch_size", "dtype": "dtype", "out": "out"})
     start = time.perf_counter()
     model_cfg = read_config(cfg.model, dtype=cfg.dtype)
+    if model_cfg.position == "learned" and cfg.seq_len > model_cfg.max_position_embeddings:
+        raise ClpError(f"{cfg.model}: seq_len {cfg.seq_len} exceeds the model's {model_cfg.max_position_embeddings} "
+                       "learned positions; pass --seq-len with a smaller value")
     tokenizer = load_tokenizer(cfg.model)
     check_tokenizer_fits(tokenizer, model_cfg.vocab_size, cfg.model)
     lines = read_lines(cfg.data)
