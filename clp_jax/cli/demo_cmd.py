@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     texts = demo_texts("en")
     held_out, train = texts[::10], [t for i, t in enumerate(texts) if i % 10]
     _step(f"English demo corpus: {len(train)} training and {len(held_out)} held-out utterances")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "held_out.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(held_out) + "\n")
     tokenizer = train_tokenizer(train, vocab_size=1024)
     _step(f"trained a byte-level BPE tokenizer with {len(tokenizer)} tokens")
     cfg = small_gpt2(len(tokenizer))

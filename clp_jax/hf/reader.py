@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import jax
@@ -157,13 +157,16 @@ def hf_key(files: TensorFiles, spec: WeightSpec, prefix: str) -> str | None:
     return None
 
 
-def iter_hf_params(model_dir: str, cfg: TransformerConfig) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def iter_hf_params(model_dir: str, cfg: TransformerConfig, only: Collection[tuple[str, ...]] | None = None
+                   ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(param path, host array in our layout and ``cfg.param_dtype``) one tensor at a time."""
     files = TensorFiles(model_dir)
     family = models.family(cfg.arch)
     shapes = models.param_shapes(cfg)
     np_dtype = _NP_DTYPES[cfg.param_dtype]
     for spec in family.weight_specs(cfg):
+        if only is not None and not set(spec.paths) & set(only):
+            continue
         key = hf_key(files, spec, family.BASE_PREFIX)
         if key is None:
             raise ClpError(f"{model_dir}: checkpoint has no tensor {family.BASE_PREFIX + spec.hf_name!r} "
@@ -193,16 +196,19 @@ def _insert(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def load_params(model_dir: str, mesh: Mesh, cfg: TransformerConfig | None = None,
-                progress: bool = True) -> tuple[TransformerConfig, dict]:
-    """Config and sharded parameters of an HF model dir, each tensor placed as soon as it is read."""
+def load_params(model_dir: str, mesh: Mesh, cfg: TransformerConfig | None = None, progress: bool = True,
+                only: Collection[tuple[str, ...]] | None = None) -> tuple[TransformerConfig, dict]:
+    """Config and sharded parameters of an HF model dir, each tensor placed as soon as it is read.
+
+    ``only`` restricts loading to those parameter paths (e.g. just the embeddings).
+    """
     cfg = cfg or read_config(model_dir)
     shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
     params: dict = {}
-    n = len(jax.tree.leaves(shardings))
+    n = len(only) if only is not None else len(jax.tree.leaves(shardings))
     with tqdm(total=n, desc=f"load {os.path.basename(os.path.normpath(model_dir))}", unit="tensor",
               disable=not progress, leave=False) as bar:
-        for path, host in iter_hf_params(model_dir, cfg):
+        for path, host in iter_hf_params(model_dir, cfg, only):
             sharding = _lookup(shardings, path)
             _insert(params, path, jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
             bar.update(1)

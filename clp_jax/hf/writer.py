@@ -134,21 +134,18 @@ def atomic_dir(out_dir: str, fill: Callable[[str], None], overwrite: bool = Fals
         raise
 
 
-def save_pretrained(out_dir: str, params: dict, cfg: TransformerConfig, *, base_config: dict | None = None,
+def write_model_dir(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], n_tensors: int, config: dict, *,
                     tokenizer: Any | None = None, generation_config: dict | None = None,
                     extra_json: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     overwrite: bool = False) -> None:
-    """Write an HF model dir (weights, config, generation config, tokenizer, extra JSON files)."""
-    config = hf_config_dict(cfg, base_config, tokenizer)
-    total = len(models.family(cfg.arch).weight_specs(cfg))
-    tensors = hf_tensors(params, cfg)
+    """Write an HF model dir from (name, array) pairs, config.json, generation config, tokenizer, extra JSON."""
     if jax.process_index() != 0:  # every process takes part in the gathers; process 0 writes
         for _ in tensors:
             pass
         return
 
     def fill(tmp: str) -> None:
-        _write_safetensors(tmp, tensors, max_shard_bytes, total)
+        _write_safetensors(tmp, tensors, max_shard_bytes, n_tensors)
         _write_json(os.path.join(tmp, "config.json"), config)
         gen = dict(generation_config or {})
         gen.setdefault("_from_model_config", True)
@@ -162,3 +159,15 @@ def save_pretrained(out_dir: str, params: dict, cfg: TransformerConfig, *, base_
             _write_json(os.path.join(tmp, name), data)
 
     atomic_dir(out_dir, fill, overwrite)
+
+
+def save_pretrained(out_dir: str, params: dict, cfg: TransformerConfig, *, base_config: dict | None = None,
+                    tokenizer: Any | None = None, generation_config: dict | None = None,
+                    extra_json: dict[str, Any] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    overwrite: bool = False) -> None:
+    """Write our parameters as an HF model dir that transformers loads."""
+    config = hf_config_dict(cfg, base_config, tokenizer)
+    n_tensors = len(models.family(cfg.arch).weight_specs(cfg))
+    write_model_dir(out_dir, hf_tensors(params, cfg), n_tensors, config, tokenizer=tokenizer,
+                    generation_config=generation_config, extra_json=extra_json, max_shard_bytes=max_shard_bytes,
+                    overwrite=overwrite)

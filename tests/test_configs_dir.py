@@ -1,0 +1,20 @@
+"""Every YAML in configs/ validates against its command's schema (files are named <command>_*.yaml)."""
+
+import pathlib
+
+import pytest
+
+from clp_jax.cli.eval_cmd import EvalConfig
+from clp_jax.cli.transfer_cmd import TransferConfig
+from clp_jax.config import load_config
+
+SCHEMAS = {"eval": EvalConfig, "transfer": TransferConfig}
+CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_file_validates(path):
+    command = path.name.split("_", 1)[0]
+    if command not in SCHEMAS:
+        pytest.skip(f"{path.name}: schema tested elsewhere")
+    load_config(SCHEMAS[command], path)
