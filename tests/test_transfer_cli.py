@@ -140,3 +140,29 @@ def test_bad_input(dirs, tmp_path, capsys, de_tokenizer):
     code, _, err = transfer(["--source", dirs / "gpt2-src", "--helper", tmp_path / "lonely", "--out",
                              tmp_path / "o4", "--strategy", "random"], capsys)
     assert code == 0, err  # strategies without a helper work without shared tokens
+
+
+def test_cross_style_transfer_uses_canonical_matching(dirs, tmp_path, capsys, en_tokenizer):
+    """Byte-level source (GPT-2 style) -> SentencePiece-style helper (Llama style): matched by bytes."""
+    from conftest import WORDS_DE, make_sentences
+    from test_transfer_align import sentencepiece_bpe
+
+    sp = sentencepiece_bpe(make_sentences(WORDS_DE, 300, seed=3))
+    helper = tmp_path / "sp-helper"
+    make_hf_model("llama-tied", vocab_size=len(sp), hidden_size=16, num_attention_heads=2,
+                  num_key_value_heads=2).save_pretrained(helper)
+    sp.save_pretrained(helper)
+    out = tmp_path / "out"
+    code, _, err = transfer(["--source", dirs / "gpt2-src", "--helper", helper, "--out", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / "transfer_report.json").read_text())
+    a = align_vocabularies(en_tokenizer, sp)
+    assert report["alignment"]["mode"] == "canonical"
+    assert report["alignment"]["source_style"] == "byte-level"
+    assert report["alignment"]["target_style"] == "sentencepiece"
+    assert report["overlap"] == len(a.target_ids) > len(align_vocabularies(en_tokenizer, sp, "exact").target_ids)
+    src = load_file(str(dirs / "gpt2-src" / "model.safetensors"))["transformer.wte.weight"]
+    got = load_file(str(out / "model.safetensors"))["transformer.wte.weight"]
+    np.testing.assert_array_equal(got[a.target_ids], src[a.source_ids])
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("das haus")["input_ids"] == sp("das haus")["input_ids"]
