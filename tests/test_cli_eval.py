@@ -50,10 +50,11 @@ def test_eval_errors(model_dir, tmp_path, capsys, en_tokenizer):
     en_tokenizer.save_pretrained(small)
     cases = [
         (["--model", tmp_path / "missing", "--data", empty], "missing: model directory not found"),
-        (["--model", model_dir, "--data", tmp_path / "none.txt"], "none.txt: data file not found"),
-        (["--model", model_dir, "--data", empty], "empty.txt: data file is empty"),
-        (["--model", model_dir, "--data", bad], "bad.txt: line 2 is not valid UTF-8"),
-        (["--model", small, "--data", bad], "tokenizer has"),
+        (["--model", model_dir, "--data", tmp_path / "none.txt", "--seq-len", 32], "none.txt: data file not found"),
+        (["--model", model_dir, "--data", empty, "--seq-len", 32], "empty.txt: data file is empty"),
+        (["--model", model_dir, "--data", bad, "--seq-len", 32], "bad.txt: line 2 is not valid UTF-8"),
+        (["--model", small, "--data", bad, "--seq-len", 32], "tokenizer has"),
+        (["--model", model_dir, "--data", bad], "seq_len 1024 exceeds the model's 64 learned positions"),
         (["--model", model_dir, "--data", empty, "--seq-len", 1], "seq_len"),
         (["--model", model_dir, "--data", empty, "mesh.dta=2"], "did you mean 'mesh.data'"),
     ]
