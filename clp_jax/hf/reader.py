@@ -20,11 +20,9 @@ from tqdm.auto import tqdm
 
 from clp_jax import models
 from clp_jax.errors import ClpError
-from clp_jax.models.config import DTYPES, TransformerConfig
+from clp_jax.models.config import DTYPES, NP_DTYPES, TransformerConfig
 from clp_jax.models.weights import WeightSpec
 from clp_jax.sharding import tree_shardings
-
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def _require_dir(model_dir: str) -> None:
@@ -163,7 +161,7 @@ def iter_hf_params(model_dir: str, cfg: TransformerConfig, only: Collection[tupl
     files = TensorFiles(model_dir)
     family = models.family(cfg.arch)
     shapes = models.param_shapes(cfg)
-    np_dtype = _NP_DTYPES[cfg.param_dtype]
+    np_dtype = NP_DTYPES[cfg.param_dtype]
     for spec in family.weight_specs(cfg):
         if only is not None and not set(spec.paths) & set(only):
             continue

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from clp_jax import models
 from clp_jax.errors import ClpError
-from clp_jax.models.config import TransformerConfig
+from clp_jax.models.config import NP_DTYPES, TransformerConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -66,10 +66,11 @@ def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
 def hf_tensors(params: dict, cfg: TransformerConfig) -> Iterable[tuple[str, np.ndarray]]:
     """(HF name, host array) for every checkpoint tensor, produced one at a time."""
     family = models.family(cfg.arch)
+    np_dtype = NP_DTYPES[cfg.param_dtype]
     for spec in family.weight_specs(cfg):
         parts = [_to_host(_lookup(params, p)) for p in spec.paths]
         name = spec.hf_name if spec.top_level else family.BASE_PREFIX + spec.hf_name
-        yield name, np.ascontiguousarray(spec.to_hf(*parts))
+        yield name, np.ascontiguousarray(spec.to_hf(*parts), dtype=np_dtype)
 
 
 def _write_safetensors(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,

@@ -6,10 +6,13 @@ import dataclasses
 from typing import Any, Literal
 
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 
 Arch = Literal["gpt2", "llama", "bloom"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Training: optimizer, sharded train state and the jitted train/eval steps."""

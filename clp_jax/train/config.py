@@ -1,0 +1,70 @@
+"""The typed config of a training run (`clp-jax train` and `clp-jax sft` share it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from clp_jax.config import ConfigModel
+from clp_jax.data.pipeline import DataConfig
+from clp_jax.sharding import MeshConfig
+from clp_jax.train.checkpoint import CheckpointConfig
+from clp_jax.train.optimizer import OptimizerConfig
+
+
+class ModelSection(ConfigModel):
+    """Initial weights (an HF dir, e.g. `clp-jax transfer`'s output) and numerics."""
+
+    init: str
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights (and optimizer state)
+    remat: bool = False
+
+
+class EvalSection(ConfigModel):
+    """Held-out loss per data source (language) every `every_steps` steps."""
+
+    every_steps: int = Field(100, ge=1)
+    max_batches: int | None = Field(None, ge=1)
+
+
+class DistributedSection(ConfigModel):
+    """Multi-host: `auto` initializes when the environment is a known cluster (TPU pod) or an address is given."""
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = Field(None, ge=1)
+    process_id: int | None = Field(None, ge=0)
+
+
+class TrainConfig(ConfigModel):
+    """A continued-pretraining (or SFT) run: model, data, optimizer, mesh, checkpoints, eval, export."""
+
+    run_dir: str
+    model: ModelSection
+    data: DataConfig
+    optimizer: OptimizerConfig
+    steps: int = Field(ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalSection = EvalSection()
+    log_every_steps: int = Field(10, ge=1)
+    export_every_steps: int | None = Field(None, ge=1)  # HF export mid-run; one is always written at the end
+    nonfinite: Literal["stop", "skip"] = "stop"
+    distributed: DistributedSection = DistributedSection()
+    tensorboard: bool = True
+    peak_flops: float | None = Field(None, gt=0)  # for MFU; default: vendor peak, or a measured CPU matmul rate
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_total_steps(cls, data: Any) -> Any:
+        """The learning-rate schedule ends at `steps` unless `optimizer.total_steps` says otherwise."""
+        if isinstance(data, dict) and "steps" in data:
+            opt = data.get("optimizer")
+            if opt is None:
+                data = {**data, "optimizer": {"total_steps": data["steps"]}}
+            elif isinstance(opt, dict) and "total_steps" not in opt:
+                data = {**data, "optimizer": {**opt, "total_steps": data["steps"]}}
+        return data

@@ -1,0 +1,212 @@
+"""The training loop: read the config top to bottom, run steps, log, evaluate, checkpoint, export.
+
+Everything with side effects (files, console, signals) is here or in the CLI; the step itself is pure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from clp_jax.config import save_config
+from clp_jax.data.pipeline import Data, build_data
+from clp_jax.errors import ClpError
+from clp_jax.hf.reader import load_params, read_config, read_config_dict
+from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
+from clp_jax.hf.writer import save_pretrained
+from clp_jax.models.config import TransformerConfig
+from clp_jax.sharding import batch_sharding, mesh_from_config
+from clp_jax.train.checkpoint import Checkpointer
+from clp_jax.train.config import DistributedSection, TrainConfig
+from clp_jax.train.flops import train_step_flops
+from clp_jax.train.metrics import MetricsWriter, device_peak_flops
+from clp_jax.train.optimizer import make_optimizer
+from clp_jax.train.state import abstract_state, create_sharded_state
+from clp_jax.train.step import make_eval_step, make_train_step
+
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+def initialize_distributed(cfg: DistributedSection) -> None:
+    """jax.distributed.initialize when asked, or (auto) on a known cluster or with an explicit coordinator."""
+    if cfg.mode == "off" or jax.distributed.is_initialized():
+        return
+    explicit = cfg.coordinator_address is not None
+    if cfg.mode == "on" or explicit or any(k in os.environ for k in _CLUSTER_ENV):
+        jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id)
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_json(path: str, data: Any) -> None:
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+
+
+def _global_batch(rows: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """This host's rows -> global arrays sharded over the batch axes."""
+    out = {}
+    for k, v in rows.items():
+        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), v, global_shape)
+    return out
+
+
+def evaluate(params: Any, eval_step: Any, data: Data, mesh: jax.sharding.Mesh, max_batches: int | None) -> dict:
+    """Held-out loss and perplexity per source: ``eval/<source>/loss``, ``eval/<source>/ppl``."""
+    out = {}
+    for name in data.eval_sets:
+        total, tokens = 0.0, 0.0
+        for i, rows in enumerate(data.eval_batches(name)):
+            if max_batches is not None and i >= max_batches:
+                break
+            s, n = jax.device_get(eval_step(params, _global_batch(rows, mesh)))
+            total, tokens = total + float(s), tokens + float(n)
+        if tokens:
+            out[f"eval/{name}/loss"] = total / tokens
+            out[f"eval/{name}/ppl"] = math.exp(min(total / tokens, 700.0))
+    return out
+
+
+def _model_config(cfg: TrainConfig) -> tuple[TransformerConfig, str]:
+    stored = read_config(cfg.model.init)
+    model_cfg = stored.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    return model_cfg, stored.param_dtype
+
+
+class Trainer:
+    """One run: set up from a TrainConfig (resuming from its run dir when checkpoints exist), then ``run()``."""
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        initialize_distributed(cfg.distributed)
+        self.cfg, self.progress = cfg, progress and jax.process_index() == 0
+        self.mesh = mesh_from_config(cfg.mesh)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        if jax.process_index() == 0:
+            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+        self.tokenizer = load_tokenizer(cfg.model.init)
+        self.model_cfg, self.export_dtype = _model_config(cfg)
+        check_tokenizer_fits(self.tokenizer, self.model_cfg.vocab_size, cfg.model.init)
+        self.data = build_data(cfg.data, self.tokenizer, steps=cfg.steps)
+        _say("data:\n" + self.data.format_report())
+        _write_json(os.path.join(cfg.run_dir, "data_report.json"), self.data.report())
+        self.optimizer = make_optimizer(cfg.optimizer)
+        self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint,
+                                         meta={"init": os.path.abspath(cfg.model.init)})
+        self.state, self.step = self._initial_state()
+        self.train_step = make_train_step(self.model_cfg, self.optimizer, self.mesh, cfg.grad_accum_steps,
+                                          skip_nonfinite=cfg.nonfinite == "skip")
+        self.eval_step = make_eval_step(self.model_cfg, self.mesh)
+
+    def _initial_state(self) -> tuple[Any, int]:
+        restored = self.checkpointer.restore_latest_valid(abstract_state(self.model_cfg, self.mesh, self.optimizer))
+        if restored is not None:
+            step, state, data_state = restored
+            self.data.train.set_state(data_state)
+            _say(f"resumed from checkpoint at step {step}")
+            return state, step
+        _, params = load_params(self.cfg.model.init, self.mesh, self.model_cfg.replace(
+            param_dtype=read_config(self.cfg.model.init).param_dtype), progress=self.progress)
+        _say(f"initialized from {self.cfg.model.init} ({self.model_cfg.num_params():,} parameters, "
+             f"mesh {dict(self.mesh.shape)})")
+        return create_sharded_state(params, self.model_cfg, self.optimizer, self.mesh), 0
+
+    def export(self, out_dir: str) -> None:
+        """The current parameters as an HF dir, in the initial checkpoint's dtype, with the tokenizer."""
+        save_pretrained(out_dir, self.state.params, self.model_cfg.replace(param_dtype=self.export_dtype),
+                        base_config=read_config_dict(self.cfg.model.init), tokenizer=self.tokenizer, overwrite=True)
+
+    def _check_finite(self, pending: list[tuple[int, dict]]) -> list[dict]:
+        records = []
+        for step, m in pending:
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            if m["nonfinite"] and self.cfg.nonfinite == "stop":
+                last = self.checkpointer.latest_step()
+                raise ClpError(f"step {step}: loss or gradients are not finite (loss={m['loss']}); stopped. "
+                               f"Last good checkpoint: step {last} in {self.cfg.run_dir}/checkpoints "
+                               "(lower the learning rate, or set nonfinite=skip)")
+            records.append({"step": step, **m})
+        return records
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Train to ``cfg.steps``; ``on_step(step)`` is called after each step's logging and checkpointing."""
+        cfg, data = self.cfg, self.data
+        writer = MetricsWriter(cfg.run_dir, cfg.tensorboard)
+        flag = self.checkpointer.install_preemption_handler()
+        peak, peak_source = (cfg.peak_flops, "config") if cfg.peak_flops else device_peak_flops()
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        flops_per_step = train_step_flops(self.model_cfg, tokens_per_step, cfg.data.seq_len)
+        _say(f"MFU against {peak / 1e12:.3g} TFLOP/s: {peak_source}")
+        pending: list[tuple[int, dict]] = []
+        last: dict[str, Any] = {}
+        status = "finished"
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                batch = _global_batch(next(data.train), self.mesh)
+                self.state, metrics = self.train_step(self.state, batch)
+                self.step += 1
+                window_steps += 1
+                pending.append((self.step, metrics))
+                log_now = self.step % cfg.log_every_steps == 0 or self.step == cfg.steps
+                save_now = self.step % cfg.checkpoint.every_steps == 0
+                eval_now = self.step % cfg.eval.every_steps == 0 or self.step == cfg.steps
+                preempt = self.checkpointer.should_save_for_preemption(self.step)
+                if log_now or save_now or eval_now or preempt:
+                    records = self._check_finite(pending)
+                    pending = []
+                    rate = window_steps / (time.perf_counter() - window_start)
+                    last = dict(records[-1], tokens_per_s=rate * tokens_per_step,
+                                mfu=rate * flops_per_step / peak)
+                    if eval_now:
+                        last.update(evaluate(self.state.params, self.eval_step, data, self.mesh,
+                                             cfg.eval.max_batches))
+                    for r in records[:-1]:
+                        writer.write(r.pop("step"), r)
+                    writer.write(self.step, {k: v for k, v in last.items() if k != "step"})
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                    mfu=f"{last['mfu']:.1%}")
+                    window_start, window_steps = time.perf_counter(), 0  # rates exclude eval and logging
+                self.checkpointer.save(self.step, self.state, data.train.get_state())
+                if cfg.export_every_steps and self.step % cfg.export_every_steps == 0 and self.step < cfg.steps:
+                    self.export(os.path.join(cfg.run_dir, "hf", f"step_{self.step}"))
+                bar.update(1)
+                if on_step is not None:
+                    on_step(self.step)
+                if preempt:
+                    self.checkpointer.save(self.step, self.state, data.train.get_state(), force=True)
+                    status = "preempted"
+                    _say(f"preemption signal: saved step {self.step}; a restart resumes from it")
+                    break
+            if status == "finished":
+                self.checkpointer.save(self.step, self.state, data.train.get_state(), force=True)
+        finally:
+            bar.close()
+            self.checkpointer.wait()
+            writer.close()
+            flag.close()
+        if status == "finished":
+            self.export(os.path.join(cfg.run_dir, "hf", "final"))
+        summary = {"status": status, "step": self.step, "run_dir": cfg.run_dir,
+                   **{k: v for k, v in last.items() if k != "step"}}
+        _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+        self.checkpointer.close()
+        return summary

@@ -1,0 +1,140 @@
+"""The jitted train and eval steps: token-weighted next-token cross-entropy, gradient accumulation, AdamW.
+
+A batch is a dict of [B, T] arrays: int32 ``tokens``, ``segment_ids`` (0 = padding), ``positions`` and, for
+SFT, float32 ``loss_weights`` aligned to predicting token t + 1 from t. Position t is weighted when t and t + 1
+lie in the same segment (``data.packing.next_token_targets``), times ``loss_weights`` when present.
+The loss is (sum of weighted nll) / (sum of weights), computed over the whole batch even when it is split
+into micro-batches, so accumulation over k micro-batches equals one big batch up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from clp_jax import models
+from clp_jax.errors import ClpError
+from clp_jax.models.config import TransformerConfig
+from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
+from clp_jax.train.optimizer import current_learning_rate
+from clp_jax.train.state import TrainState, state_shardings
+
+Batch = Mapping[str, jax.Array]
+
+
+def token_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``next_token_targets`` in jnp: targets ``tokens[:, t + 1]`` and float32 weights (same segment, not padding)."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    same = (segment_ids[:, :-1] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
+    weights = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1).astype(jnp.float32)
+    return targets, weights
+
+
+def loss_sums(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted next-token nll, sum of weights), float32; the model computes in ``cfg.dtype``."""
+    logits = models.apply(params, cfg, batch["tokens"], batch.get("positions"), batch["segment_ids"])
+    targets, weights = token_targets(batch["tokens"], batch["segment_ids"])
+    if "loss_weights" in batch:
+        weights = weights * batch["loss_weights"].astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(weights != 0, nll * weights, 0.0)), jnp.sum(weights)
+
+
+def loss_fn(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-weighted mean next-token cross-entropy and aux ``{"loss_sum", "tokens"}``."""
+    total, tokens = loss_sums(params, cfg, batch)
+    return total / jnp.maximum(tokens, 1.0), {"loss_sum": total, "tokens": tokens}
+
+
+def check_batch_shape(shape: Sequence[int], mesh: Mesh, grad_accum_steps: int = 1) -> None:
+    """Raise a ClpError unless ``shape`` = [rows, T] with rows a multiple of micro-batches times batch devices."""
+    need = grad_accum_steps * batch_divisor(mesh)
+    if len(shape) != 2 or shape[0] % need:
+        raise ClpError(f"train batch of shape {tuple(shape)}: expected [rows, seq_len] with rows a multiple of "
+                       f"grad_accum_steps ({grad_accum_steps}) x data*fsdp devices ({batch_divisor(mesh)}) = {need}")
+
+
+def _input_sharding(mesh: Mesh) -> NamedSharding:
+    """The rules table's sharding for [batch, length] arrays (whose batch divides the batch devices)."""
+    return batch_sharding(mesh, (batch_divisor(mesh), 1))
+
+
+def _grads(params: Any, cfg: TransformerConfig, batch: Batch, accum: int, mesh: Mesh) -> tuple:
+    """Summed (not averaged) f32 grads of the weighted nll, its sum and the token count, over ``accum`` micro-batches.
+
+    Micro-batch i is rows i::accum, so each device's rows split evenly without moving data between devices.
+    """
+    grad_sum = jax.value_and_grad(lambda p, b: loss_sums(p, cfg, b), has_aux=True)
+    if accum == 1:
+        (total, tokens), grads = grad_sum(params, batch)
+        return grads, total, tokens
+    spec = _input_sharding(mesh).spec
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, *spec))
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def body(carry: tuple, micro: Batch) -> tuple:
+        grads, total, tokens = carry
+        (t, n), g = grad_sum(params, micro)
+        return (jax.tree.map(jnp.add, grads, g), total + t, tokens + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, total, tokens), _ = jax.lax.scan(body, init, {k: split(v) for k, v in batch.items()})
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), total, tokens
+
+
+def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    grad_accum_steps: int = 1, skip_nonfinite: bool = False,
+                    compiler_options: Mapping[str, Any] | None = None) -> Callable:
+    """Jitted ``step(state, batch) -> (state, metrics)`` with NamedShardings from the rules table; donates state.
+
+    The batch has ``grad_accum_steps * micro_rows`` rows (see ``check_batch_shape``). Metrics are float32
+    scalars: loss, tokens, grad_norm (before clipping), learning_rate (this update's), param_norm and
+    nonfinite (1.0 when the loss or gradients are NaN/inf). With ``skip_nonfinite`` such a step leaves
+    params and optimizer state unchanged (the step counter advances, the optimizer's count and so the
+    learning-rate schedule do not); otherwise it is applied and the caller must stop.
+    ``compiler_options`` go to XLA (e.g. TPU scheduler flags).
+    """
+    if grad_accum_steps < 1:
+        raise ClpError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    shardings = state_shardings(cfg, mesh, optimizer)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        check_batch_shape(batch["tokens"].shape, mesh, grad_accum_steps)
+        grads, total, tokens = _grads(state.params, cfg, batch, grad_accum_steps, mesh)
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        loss, grad_norm = total / denom, optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+        lr = current_learning_rate(opt_state)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(nonfinite, b, a), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm,
+                   "learning_rate": jnp.asarray(jnp.nan if lr is None else lr, jnp.float32),
+                   "param_norm": optax.global_norm(params), "nonfinite": nonfinite.astype(jnp.float32)}
+        metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step, in_shardings=(shardings, _input_sharding(mesh)), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,), compiler_options=dict(compiler_options) if compiler_options else None)
+
+
+def make_eval_step(cfg: TransformerConfig, mesh: Mesh) -> Callable:
+    """Jitted ``(params, batch) -> (loss_sum, tokens)``, float32 scalars, for a token-weighted eval loss."""
+    param_shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(lambda params, batch: loss_sums(params, cfg, batch),
+                   in_shardings=(param_shardings, _input_sharding(mesh)), out_shardings=(replicated, replicated))

@@ -1,0 +1,144 @@
+"""Training throughput: clp-jax's train step vs transformers' PyTorch GPT2LMHeadModel + torch.optim.AdamW.
+
+One GPT-2-style model (default 6 layers, d=512, 8 heads, seq 256, vocab 8192, batch 8), the same shapes
+on both sides, float32, timed in alternating rounds in one process; MFU is measured against the float32
+matmul rate this machine reaches in the same run. Prints a table to stderr and, last on stdout, one JSON
+line with `speedup_vs_pytorch` and `mfu`.
+
+    python scripts/bench_train.py [--layers 6] [--d-model 512] [--seq-len 256] [--batch 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from clp_jax import models
+from clp_jax.models.config import TransformerConfig
+from clp_jax.sharding import make_mesh
+from clp_jax.train.flops import train_step_flops
+from clp_jax.train.metrics import measure_matmul_flops
+from clp_jax.train.optimizer import OptimizerConfig, make_optimizer
+from clp_jax.train.state import create_sharded_state
+from clp_jax.train.step import make_train_step
+
+
+def gpt2_config(args: argparse.Namespace) -> TransformerConfig:
+    return TransformerConfig(arch="gpt2", vocab_size=args.vocab, hidden_size=args.d_model, num_layers=args.layers,
+                             num_heads=args.heads, num_kv_heads=args.heads, head_dim=args.d_model // args.heads,
+                             intermediate_size=4 * args.d_model, norm="layernorm", norm_eps=1e-5,
+                             activation="gelu_tanh", gated_mlp=False, position="learned",
+                             max_position_embeddings=args.seq_len, qkv_bias=True, out_bias=True, mlp_bias=True)
+
+
+def time_ours(cfg: TransformerConfig, batches: list[dict], steps: int) -> tuple:
+    mesh = make_mesh(data=1, devices=jax.devices()[:1])
+    opt = make_optimizer(OptimizerConfig(learning_rate=1e-4, total_steps=10**6, max_grad_norm=1.0,
+                                         weight_decay=0.1))
+    state = create_sharded_state(models.init_params(cfg, jax.random.key(0)), cfg, opt, mesh)
+    step = make_train_step(cfg, opt, mesh)
+    state, m = step(state, batches[0])  # compile
+    jax.block_until_ready(m)
+
+    def run(state):
+        start = time.perf_counter()
+        for i in range(steps):
+            state, m = step(state, batches[i % len(batches)])
+        jax.block_until_ready(m)
+        return state, time.perf_counter() - start, float(m["loss"])
+
+    return state, run
+
+
+def time_torch(cfg: TransformerConfig, batches: list[dict], steps: int):
+    import torch
+    import transformers
+
+    hf = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+                                 n_head=cfg.num_heads, n_positions=cfg.max_position_embeddings,
+                                 attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(hf).train()
+    model.config.use_cache = False
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-4)
+    data = [torch.as_tensor(b["tokens"].astype(np.int64)) for b in batches]
+
+    def one(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    one(data[0])
+
+    def run(_):
+        start = time.perf_counter()
+        for i in range(steps):
+            loss = one(data[i % len(data)])
+        return None, time.perf_counter() - start, float(loss)
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3)
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = gpt2_config(args)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        tokens = rng.integers(0, args.vocab, (args.batch, args.seq_len), dtype=np.int32)
+        batches.append({"tokens": tokens, "segment_ids": np.ones_like(tokens),
+                        "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), tokens.shape).copy()})
+    peak = measure_matmul_flops(2.0, n=2048)
+    state, ours = time_ours(cfg, batches, args.steps)
+    theirs = time_torch(cfg, batches, args.steps)
+    ours_t, torch_t = [], []
+    for _ in range(args.rounds):
+        state, t, ours_loss = ours(state)
+        ours_t.append(t)
+        _, t, torch_loss = theirs(None)
+        torch_t.append(t)
+    tokens = args.batch * args.seq_len * args.steps
+    ours_tps, torch_tps = tokens / statistics.median(ours_t), tokens / statistics.median(torch_t)
+    flops = train_step_flops(cfg, args.batch * args.seq_len, args.seq_len)
+    mfu = ours_tps / (args.batch * args.seq_len) * flops / peak
+    torch_mfu = torch_tps / (args.batch * args.seq_len) * flops / peak
+    print(f"model: {cfg.num_layers} layers, d={cfg.hidden_size}, seq {args.seq_len}, batch {args.batch}, "
+          f"{cfg.num_params() / 1e6:.1f}M params; {jax.devices()[0].device_kind}, {os.cpu_count()} cores",
+          file=sys.stderr)
+    print(f"matmul peak (float32, measured): {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    print(f"clp-jax : {ours_tps:9.0f} tokens/s  MFU {mfu:6.1%}  (loss {ours_loss:.3f})", file=sys.stderr)
+    print(f"pytorch : {torch_tps:9.0f} tokens/s  MFU {torch_mfu:6.1%}  (loss {torch_loss:.3f})", file=sys.stderr)
+    print(json.dumps({"tokens_per_s": round(ours_tps, 1), "pytorch_tokens_per_s": round(torch_tps, 1),
+                      "speedup_vs_pytorch": round(ours_tps / torch_tps, 3), "mfu": round(mfu, 4),
+                      "pytorch_mfu": round(torch_mfu, 4), "peak_gflops": round(peak / 1e9, 1),
+                      "step_gflop": round(flops / 1e9, 2), "device": jax.devices()[0].device_kind,
+                      "layers": cfg.num_layers, "d_model": cfg.hidden_size, "seq_len": args.seq_len,
+                      "batch": args.batch}))
+
+
+if __name__ == "__main__":
+    main()
