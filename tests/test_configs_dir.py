@@ -7,8 +7,9 @@ import pytest
 from clp_jax.cli.eval_cmd import EvalConfig
 from clp_jax.cli.transfer_cmd import TransferConfig
 from clp_jax.config import load_config
+from clp_jax.train.config import TrainConfig
 
-SCHEMAS = {"eval": EvalConfig, "transfer": TransferConfig}
+SCHEMAS = {"eval": EvalConfig, "transfer": TransferConfig, "train": TrainConfig}
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
