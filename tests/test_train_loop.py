@@ -18,7 +18,7 @@ TESTS = os.path.dirname(__file__)
 
 
 def worker(config, signal_name="none", at_step=0, *overrides):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",  # the parent's XLA_FLAGS: same compiler, bit-identical results
                PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run([sys.executable, os.path.join(TESTS, "train_worker.py"), config, signal_name,
                            str(at_step), *overrides], env=env, capture_output=True, text=True, timeout=300)
@@ -105,7 +105,8 @@ def test_two_processes_match_one_process(uninterrupted, tmp_path):
 
     root, config = uninterrupted
     port = portpicker.pick_unused_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run_dir = str(tmp_path / "run")
     procs = [subprocess.Popen([sys.executable, os.path.join(TESTS, "train_worker.py"), config, "none", "0",

@@ -13,7 +13,17 @@ from clp_jax.errors import ClpError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from clp_jax.cli import data_cmd, demo_cmd, eval_cmd, sft_cmd, train_cmd, transfer_cmd
+    from clp_jax.cli import (
+        data_cmd,
+        demo_cmd,
+        eval_cmd,
+        generate_cmd,
+        plan_cmd,
+        sft_cmd,
+        study_cmd,
+        train_cmd,
+        transfer_cmd,
+    )
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -23,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "new language, continue pretraining on a device mesh, evaluate and export to Hugging Face.")
     parser.add_argument("--version", action="version", version=f"clp-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (transfer_cmd, train_cmd, sft_cmd, data_cmd, eval_cmd, demo_cmd):
+    for module in (transfer_cmd, train_cmd, sft_cmd, study_cmd, data_cmd, eval_cmd, generate_cmd,
+                   demo_cmd):
         module.register(sub, [common])
     return parser
 

@@ -137,6 +137,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(TransferConfig, args, {
         "source": "source", "helper": "helper", "out": "out", "helper_tokenizer": "helper_tokenizer",
         "strategy": "strategy", "overwrite": "overwrite"})
+    print_result(transfer(cfg))
+    return 0
+
+
+def transfer(cfg: TransferConfig) -> dict:
+    """Run one transfer as configured; returns the summary printed as the command's JSON line."""
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise ClpError(f"{cfg.out}: output directory exists (pass --overwrite to replace it)")
     timings: dict[str, float] = {}
@@ -190,11 +196,9 @@ def run(args: argparse.Namespace) -> int:
         timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     _say(f"wrote {cfg.out}")
-    result = {"out": cfg.out, "strategy": cfg.strategy, "overlap": len(alignment.target_ids),
-              "target_vocab_size": target_vocab, "degenerate_rows": stats.n_degenerate if stats else 0,
-              "seconds": round(timings["total"], 3)}
-    print_result(result)
-    return 0
+    return {"out": cfg.out, "strategy": cfg.strategy, "overlap": len(alignment.target_ids),
+            "target_vocab_size": target_vocab, "degenerate_rows": stats.n_degenerate if stats else 0,
+            "seconds": round(timings["total"], 3)}
 
 
 def _generation_config(model_dir: str) -> dict | None:

@@ -16,8 +16,8 @@ from clp_jax.models.transformer import Transformer
 _FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bloom)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in _FAMILIES for t in f.MODEL_TYPES)
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "Transformer", "TransformerConfig", "apply", "family", "init_params",
-           "param_axes", "param_shapes"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "Transformer", "TransformerConfig", "apply", "apply_cached", "cache_axes",
+           "family", "init_cache", "init_params", "param_axes", "param_shapes"]
 
 
 def family(name: str) -> ModuleType:
@@ -54,3 +54,28 @@ def apply(params: Any, cfg: TransformerConfig, tokens: jax.Array, positions: jax
           segment_ids: jax.Array | None = None) -> jax.Array:
     """Float32 logits [B, T, vocab]; segment id 0 marks padding, equal ids attend within a document."""
     return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def init_cache(cfg: TransformerConfig, batch: int, length: int) -> dict:
+    """An empty KV cache: per-layer k/v [B, L, KV, D] in the compute dtype, slot positions [B, L] all -1."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    kv = [{"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+          for _ in range(cfg.num_layers)]
+    return {"positions": jnp.full((batch, length), -1, jnp.int32), "layers": kv}
+
+
+def cache_axes(cfg: TransformerConfig) -> dict:
+    """Logical axis names of every cache array, in the tree layout of ``init_cache``."""
+    kv = ("batch", "length", "kv_heads", "head_dim")
+    return {"positions": ("batch", "length"), "layers": [{"k": kv, "v": kv} for _ in range(cfg.num_layers)]}
+
+
+def apply_cached(params: Any, cfg: TransformerConfig, tokens: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array, cache: dict, cache_index: jax.Array | int,
+                 last_only: bool = True) -> tuple[jax.Array, dict]:
+    """Logits (of the last position by default) and the updated cache after writing ``tokens`` at ``cache_index``.
+
+    Segment id 0 marks padding: those slots are never attended to.
+    """
+    return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids, cache=cache,
+                                  cache_index=jnp.asarray(cache_index, jnp.int32), last_only=last_only)

@@ -101,8 +101,17 @@ def attention_mask(segment_ids: Array, positions: Array, sliding_window: int | N
     return mask[:, None]
 
 
+def cache_attention_mask(q_positions: Array, k_positions: Array, sliding_window: int | None) -> Array:
+    """[B, 1, Tq, L] boolean for attention into a KV cache: written keys (position >= 0) not after the query."""
+    q, k = q_positions[:, :, None], k_positions[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if sliding_window is not None:
+        mask &= q - k < sliding_window
+    return mask[:, None]
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
-    """Grouped-query attention; q [B,T,H,D], k/v [B,T,KV,D]; softmax in float32."""
+    """Grouped-query attention; q [B,T,H,D], k/v [B,S,KV,D]; softmax in float32."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)

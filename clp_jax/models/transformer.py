@@ -4,6 +4,11 @@ Parameter tree (plain nested dicts), the same for every architecture:
   embed/embedding [vocab, embed]; pos_embed/embedding (learned positions); embed_norm (BLOOM);
   layers_{i}/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{up, gate?, down}}; final_norm;
   lm_head/kernel [embed, vocab] when embeddings are untied.
+
+Decoding with a KV cache (``models.init_cache``): the cache holds per-layer k/v [B, L, KV, D] and the
+position of the token in each slot [B, L] (-1: empty or padding). A call writes its T tokens at slots
+``cache_index .. cache_index + T`` and attends to every written slot whose position is not after the
+query's, so rows may start at different slots (left padding) and still count positions from 0.
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from clp_jax.models.layers import (
     alibi_slopes,
     apply_rope,
     attention_mask,
+    cache_attention_mask,
     dot_product_attention,
     param,
     rope_inv_freq,
 )
 
 Array = jax.Array
+Cache = dict
 
 
 class Dense(nn.Module):
@@ -60,7 +67,8 @@ class Attention(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None) -> Array:
+    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None, cache: Cache | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, Cache | None]:
         cfg = self.cfg
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = Dense(cfg, (e,), (h, d), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q")(x)
@@ -69,12 +77,17 @@ class Attention(nn.Module):
         if cfg.position == "rope":
             inv = rope_inv_freq(cfg)
             q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+        if cache is not None:
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+            cache = {"k": k, "v": v}
         scale = d**-0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
         out = dot_product_attention(q, k, v, mask, bias, scale)
         return Dense(cfg, (h, d), (e,), ("heads", "head_dim"), ("embed",), cfg.out_bias,
-                     init_scale=(2 * cfg.num_layers) ** -0.5, name="o")(out)
+                     init_scale=(2 * cfg.num_layers) ** -0.5, name="o")(out), cache
 
 
 class Mlp(nn.Module):
@@ -101,22 +114,29 @@ class Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None) -> Array:
+    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None, cache: Cache | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, Cache | None]:
         cfg = self.cfg
         h = Norm(cfg, name="attn_norm")(x)
-        x = (h if cfg.residual_from_norm else x) + Attention(cfg, self.layer_idx, name="attn")(h, positions, mask, bias)
+        a, cache = Attention(cfg, self.layer_idx, name="attn")(h, positions, mask, bias, cache, cache_index)
+        x = (h if cfg.residual_from_norm else x) + a
         h = Norm(cfg, name="mlp_norm")(x)
-        return (h if cfg.residual_from_norm else x) + Mlp(cfg, name="mlp")(h)
+        return (h if cfg.residual_from_norm else x) + Mlp(cfg, name="mlp")(h), cache
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM: token ids [B, T] -> logits [B, T, vocab] in float32."""
+    """Decoder-only LM: token ids [B, T] -> logits [B, T, vocab] in float32.
+
+    With ``cache`` (and ``cache_index``, the slot of the first token) it returns ``(logits, new_cache)``;
+    ``last_only`` keeps only the last position's logits [B, 1, vocab].
+    """
 
     cfg: TransformerConfig
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None,
-                 return_hidden: bool = False) -> Array:
+                 return_hidden: bool = False, cache: Cache | None = None, cache_index: Array | None = None,
+                 last_only: bool = False) -> Array | tuple[Array, Cache]:
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
@@ -129,21 +149,36 @@ class Transformer(nn.Module):
             x = x + _Embed(cfg, rows=cfg.max_position_embeddings, axis=None, name="pos_embed")(positions)
         if cfg.embed_norm:
             x = Norm(cfg, name="embed_norm")(x)
-        mask = attention_mask(segment_ids, positions, cfg.sliding_window)
+        if cache is None:
+            key_positions = positions
+            mask = attention_mask(segment_ids, positions, cfg.sliding_window)
+        else:
+            written = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
+            key_positions = jax.lax.dynamic_update_slice(cache["positions"], written, (0, cache_index))
+            mask = cache_attention_mask(positions, key_positions, cfg.sliding_window)
         bias = None
         if cfg.position == "alibi":
             slopes = jnp.asarray(alibi_slopes(cfg.num_heads))
-            bias = slopes[None, :, None, None] * positions[:, None, None, :].astype(jnp.float32)
-        block = nn.remat(Block) if cfg.remat else Block
+            bias = slopes[None, :, None, None] * key_positions[:, None, None, :].astype(jnp.float32)
+        block = nn.remat(Block) if cfg.remat and cache is None else Block
+        layer_caches = []
         for i in range(cfg.num_layers):
-            x = block(cfg, i, name=f"layers_{i}")(x, positions, mask, bias)
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, layer_cache = block(cfg, i, name=f"layers_{i}")(x, positions, mask, bias, layer_cache, cache_index)
+            layer_caches.append(layer_cache)
+        if last_only:
+            x = x[:, -1:]
         x = Norm(cfg, name="final_norm")(x)
         if return_hidden:
-            return x
-        if cfg.tie_word_embeddings:
-            return embedding.attend(x)
-        return Dense(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), False,
-                     f32_output=True, name="lm_head")(x)
+            out = x
+        elif cfg.tie_word_embeddings:
+            out = embedding.attend(x)
+        else:
+            out = Dense(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), False,
+                        f32_output=True, name="lm_head")(x)
+        if cache is None:
+            return out
+        return out, {"positions": key_positions, "layers": layer_caches}
 
 
 class _Embed(nn.Module):

@@ -51,7 +51,8 @@ class TrainConfig(ConfigModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalSection = EvalSection()
     log_every_steps: int = Field(10, ge=1)
-    export_every_steps: int | None = Field(None, ge=1)  # HF export mid-run; one is always written at the end
+    export_every_steps: int | None = Field(None, ge=1)  # HF export mid-run
+    export_final: bool = True  # HF export to run_dir/hf/final at the end
     nonfinite: Literal["stop", "skip"] = "stop"
     distributed: DistributedSection = DistributedSection()
     tensorboard: bool = True

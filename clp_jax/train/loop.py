@@ -166,6 +166,8 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 pending.append((self.step, metrics))
+                if len(pending) > 2:  # at most two steps in flight (XLA:CPU collectives can stall beyond that)
+                    jax.block_until_ready(pending[-3][1])
                 log_now = self.step % cfg.log_every_steps == 0 or self.step == cfg.steps
                 save_now = self.step % cfg.checkpoint.every_steps == 0
                 eval_now = self.step % cfg.eval.every_steps == 0 or self.step == cfg.steps
@@ -203,7 +205,7 @@ class Trainer:
             self.checkpointer.wait()
             writer.close()
             flag.close()
-        if status == "finished":
+        if status == "finished" and cfg.export_final:
             self.export(os.path.join(cfg.run_dir, "hf", "final"))
         summary = {"status": status, "step": self.step, "run_dir": cfg.run_dir,
                    **{k: v for k, v in last.items() if k != "step"}}

@@ -1,0 +1,1 @@
+"""Post-training: supervised fine-tuning, generation and the cross-lingual transfer study."""

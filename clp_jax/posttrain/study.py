@@ -1,0 +1,205 @@
+"""Cross-lingual transfer (CLT) study: a grid of SFT runs on controlled language mixtures, each evaluated
+on seen and unseen languages (Shimabucoro et al. 2025, "A Post-trainer's Guide to Multilingual Training Data").
+
+A cell is (model, design, tasks, N, training languages): English gets a fixed budget of examples per task,
+each training language N. `design` is `single` (one task per cell) or `multi` (all tasks in one cell);
+with `transfer_matrix`, extra cells train on English plus one seen language each, for a train-language x
+eval-language matrix. Cells are independent and resumable: a cell with a result.json is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pydantic
+
+from clp_jax.config import ConfigModel
+from clp_jax.data.pipeline import DataConfig
+from clp_jax.data.sources import SourceConfig
+from clp_jax.errors import ClpError
+from clp_jax.eval.metrics import MATH_KINDS, OVERLAP_KINDS
+from clp_jax.posttrain.tasks import TASKS, load_jsonl_task, write_jsonl
+from clp_jax.sharding import MeshConfig
+from clp_jax.train.config import EvalSection, ModelSection, TrainConfig
+from clp_jax.train.optimizer import OptimizerConfig
+
+
+class StudyModel(ConfigModel):
+    name: str
+    init: str  # HF dir
+
+
+class JsonlTask(ConfigModel):
+    """A user task in Aya format (inputs/targets/language), split into train and eval files."""
+
+    name: str
+    kind: Literal["math", "summarization", "dialogue", "open"]
+    train: str
+    eval: str
+
+
+class StudyTrain(ConfigModel):
+    steps: int = pydantic.Field(100, ge=1)
+    learning_rate: float = pydantic.Field(1e-3, gt=0)
+    warmup_steps: int = pydantic.Field(10, ge=0)
+    batch_size: int = pydantic.Field(16, ge=1)
+    seq_len: int = pydantic.Field(64, ge=8)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    mesh: MeshConfig = MeshConfig()
+
+
+class StudyEval(ConfigModel):
+    examples_per_language: int = pydantic.Field(32, ge=1)
+    max_new_tokens: int = pydantic.Field(32, ge=1)
+    metric: str = "response_loss"  # the metric the plots show
+
+
+class StudyConfig(ConfigModel):
+    """`clp-jax study clt`: the grid and how each cell trains and is evaluated."""
+
+    run_dir: str
+    models: list[StudyModel] = pydantic.Field(min_length=1)
+    tasks: list[str | JsonlTask] = pydantic.Field(min_length=1)  # built-in: math, dialogue
+    english: str = "en"
+    english_budget: int = pydantic.Field(200, ge=1)
+    per_language: list[int] = pydantic.Field(default_factory=lambda: [0, 50])
+    seen_languages: list[str] = pydantic.Field(min_length=1)
+    unseen_languages: list[str] = pydantic.Field(default_factory=list)
+    designs: list[Literal["single", "multi"]] = pydantic.Field(default_factory=lambda: ["single"])
+    transfer_matrix: bool = False
+    train: StudyTrain = StudyTrain()
+    eval: StudyEval = StudyEval()
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    model: str
+    design: str
+    tasks: tuple[str, ...]
+    n: int
+    train_languages: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        langs = "+".join(self.train_languages) or "none"
+        return f"{self.model}__{self.design}__{'+'.join(self.tasks)}__n{self.n}__{langs}"
+
+
+def task_name(task: str | JsonlTask) -> str:
+    return task if isinstance(task, str) else task.name
+
+
+def task_kind(task: str | JsonlTask) -> str:
+    return task if isinstance(task, str) else task.kind
+
+
+def validate(cfg: StudyConfig) -> None:
+    """Clear errors before any training: unknown tasks, overlapping language lists, duplicates."""
+    for t in cfg.tasks:
+        if isinstance(t, str) and t not in TASKS:
+            raise ClpError(f"unknown task {t!r} (built-in: {', '.join(TASKS)}; or give name/kind/train/eval "
+                           "for an Aya-format JSONL task)")
+    names = [task_name(t) for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise ClpError(f"task names must be unique: {names}")
+    overlap = set(cfg.seen_languages) & set(cfg.unseen_languages)
+    if overlap or cfg.english in cfg.seen_languages + cfg.unseen_languages:
+        raise ClpError(f"seen_languages and unseen_languages must be disjoint and exclude {cfg.english!r}")
+    if any(n < 0 for n in cfg.per_language):
+        raise ClpError("per_language values must be >= 0")
+
+
+def cells(cfg: StudyConfig) -> list[Cell]:
+    """Every cell of the grid, in a stable order."""
+    names = tuple(task_name(t) for t in cfg.tasks)
+    out = []
+    for model in cfg.models:
+        for design in cfg.designs:
+            task_sets = [(t,) for t in names] if design == "single" else [names]
+            for tasks in task_sets:
+                for n in sorted(set(cfg.per_language)):
+                    langs = tuple(cfg.seen_languages) if n > 0 else ()
+                    out.append(Cell(model.name, design, tasks, n, langs))
+        if cfg.transfer_matrix:  # English + one seen language at the largest N, unless the grid has it already
+            n = max(cfg.per_language)
+            for lang in cfg.seen_languages:
+                same = [c for c in out if (c.model, c.tasks, c.n, c.train_languages) == (model.name, names, n, (lang,))]
+                if not same:
+                    out.append(Cell(model.name, "multi", names, n, (lang,)))
+    return list(dict.fromkeys(out))
+
+
+def _examples(cfg: StudyConfig, task: str | JsonlTask, language: str, n: int, split: str) -> list[dict]:
+    """`n` examples of a task in a language: generated (built-in) or read from the user's JSONL files."""
+    if isinstance(task, str):
+        seed = cfg.seed + (0 if split == "train" else 10_000)
+        rows = TASKS[task](language, n, seed)
+    else:
+        rows = load_jsonl_task(task.train if split == "train" else task.eval, task.kind, language=language)[:n]
+    if len(rows) < n:
+        raise ClpError(f"task {task_name(task)!r} has only {len(rows)} {split} examples in {language!r}, "
+                       f"fewer than the {n} asked for")
+    return [{k: r[k] for k in ("inputs", "targets", "language")} | {"task": task_name(task)} for r in rows]
+
+
+def eval_sets(cfg: StudyConfig) -> dict[tuple[str, str], list[dict]]:
+    """(task, language) -> held-out examples for English, seen and unseen languages; never trained on."""
+    out = {}
+    for task in cfg.tasks:
+        for lang in [cfg.english, *cfg.seen_languages, *cfg.unseen_languages]:
+            out[(task_name(task), lang)] = _examples(cfg, task, lang, cfg.eval.examples_per_language, "eval")
+    return out
+
+
+def write_cell_data(cfg: StudyConfig, cell: Cell, directory: str, held_out: set[str]) -> list[SourceConfig]:
+    """JSONL files for a cell (English budget + N per training language, per task) and their sources."""
+    os.makedirs(directory, exist_ok=True)
+    by_name = {task_name(t): t for t in cfg.tasks}
+    sources = []
+    for name in cell.tasks:
+        for lang, n in [(cfg.english, cfg.english_budget), *((lang, cell.n) for lang in cell.train_languages)]:
+            rows = [r for r in _examples(cfg, by_name[name], lang, n, "train") if r["inputs"] not in held_out]
+            path = os.path.join(directory, f"{name}-{lang}.jsonl")
+            write_jsonl(rows, path)
+            sources.append(SourceConfig(name=f"{name}-{lang}", path=path, format="jsonl", task=name, language=lang))
+    return sources
+
+
+def cell_train_config(cfg: StudyConfig, cell: Cell, sources: list[SourceConfig], run_dir: str) -> TrainConfig:
+    """The SFT run of a cell: examples sampled in proportion to their counts (English budget + N each)."""
+    model = next(m for m in cfg.models if m.name == cell.model)
+    t = cfg.train
+    counts = {s.name: sum(1 for _ in open(s.path, encoding="utf-8")) for s in sources}
+    data = DataConfig(sources=sources, mode="sft", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
+                      eval_documents=0, mixture={"kind": "explicit", "weights": counts})
+    return TrainConfig(run_dir=run_dir, model=ModelSection(init=model.init, dtype=t.dtype), data=data,
+                       optimizer=OptimizerConfig(learning_rate=t.learning_rate, warmup_steps=t.warmup_steps,
+                                                 total_steps=t.steps, max_grad_norm=1.0),
+                       steps=t.steps, mesh=t.mesh, eval=EvalSection(every_steps=t.steps),
+                       checkpoint={"every_steps": t.steps, "keep": 1}, log_every_steps=max(1, t.steps // 10),
+                       tensorboard=False)
+
+
+def result_rows(results: list[dict]) -> Iterator[dict[str, Any]]:
+    """Flat rows (one per cell x task x eval language) for results.csv."""
+    for r in results:
+        for row in r["scores"]:
+            yield {"cell": r["cell"], "model": r["model"], "design": r["design"], "tasks": "+".join(r["tasks"]),
+                   "n": r["n"], "train_languages": "+".join(r["train_languages"]), **row}
+
+
+def load_result(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+__all__ = ["Cell", "StudyConfig", "cells", "eval_sets", "validate", "MATH_KINDS", "OVERLAP_KINDS", "task_kind"]
