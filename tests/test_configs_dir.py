@@ -7,9 +7,10 @@ import pytest
 from clp_jax.cli.eval_cmd import EvalConfig
 from clp_jax.cli.transfer_cmd import TransferConfig
 from clp_jax.config import load_config
+from clp_jax.posttrain.study import StudyConfig
 from clp_jax.train.config import TrainConfig
 
-SCHEMAS = {"eval": EvalConfig, "transfer": TransferConfig, "train": TrainConfig}
+SCHEMAS = {"eval": EvalConfig, "transfer": TransferConfig, "train": TrainConfig, "study": StudyConfig}
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "new language, continue pretraining on a device mesh, evaluate and export to Hugging Face.")
     parser.add_argument("--version", action="version", version=f"clp-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (transfer_cmd, train_cmd, sft_cmd, study_cmd, data_cmd, eval_cmd, generate_cmd,
+    for module in (transfer_cmd, train_cmd, sft_cmd, study_cmd, plan_cmd, data_cmd, eval_cmd, generate_cmd,
                    demo_cmd):
         module.register(sub, [common])
     return parser

@@ -90,7 +90,7 @@ def plot_transfer_matrix(rows: Sequence[dict], metric: str, n: int, tasks: str, 
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
     ax.set_xlabel("eval language")
     ax.set_ylabel("trained on")
-    ax.set_title(f"transfer matrix: {metric}", fontsize=10)
+    ax.set_title(f"transfer matrix: {metric} (mean over tasks)", fontsize=10)
     fig.colorbar(im, ax=ax)
     _save(fig, path)
     return True

@@ -1,0 +1,275 @@
+"""Plan a training run for a TPU slice from any host: compile the train step ahead of time, report per-chip HBM.
+
+libtpu (``pip install "jax[tpu]"``) describes a topology such as ``v5e:16x16`` as compile-only devices, with no
+TPU attached. The run's mesh is laid over them, the train step is lowered with the abstract state and batch
+(``jax.ShapeDtypeStruct`` with shardings; no weights or data are read) and compiled by XLA:TPU, whose memory
+analysis gives the per-chip footprint. Parameters and optimizer state per chip are counted from the shards'
+shapes; activations and other temporaries are XLA's temp buffers. FLOPs per step come from ``train_step_flops``
+(the MFU convention) and from XLA's cost analysis; tokens/s at an MFU is ``mfu * chips * peak / flops_per_token``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from clp_jax.errors import ClpError
+from clp_jax.hf.reader import read_config
+from clp_jax.models.config import TransformerConfig
+from clp_jax.sharding import batch_sharding, make_mesh
+from clp_jax.train.config import TrainConfig
+from clp_jax.train.flops import train_step_flops
+from clp_jax.train.optimizer import make_optimizer
+from clp_jax.train.state import abstract_state
+from clp_jax.train.step import check_batch_shape, make_train_step
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: HBM per chip, dense bf16 peak FLOP/s per chip, libtpu's chip configuration."""
+
+    hbm_bytes: int
+    peak_flops: float
+    chip_config: str | None = None  # v4: one JAX device per chip (megacore), as on a v4 VM
+
+
+# Vendor figures (Cloud TPU docs).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip(32 * GIB, 275e12, "megacore"),
+    "v5e": Chip(16 * GIB, 197e12),
+    "v5p": Chip(95 * GIB, 459e12),
+    "v6e": Chip(32 * GIB, 918e12),
+}
+TOPOLOGY_EXAMPLES = ("v5e:2x2", "v5e:16x16", "v4:2x2x2", "v4:4x4x8", "v5p:4x4x4", "v6e:8x8")
+# What libtpu looks up about the TPU attached to this host when it loads; on a host without one it logs errors.
+_STANDALONE_HOST_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1",
+                        "TPU_CHIPS_PER_HOST_BOUNDS": "2,2,1"}
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):([1-9][0-9]*(?:x[1-9][0-9]*){1,2})$")
+# XLA:TPU's out-of-memory messages; the number is the whole per-chip requirement, arguments included.
+_XLA_OOM = (re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM"),
+            re.compile(r"Used ([0-9.]+)([KMGT]?) of [0-9.]+[KMGT]? hbm"))
+
+
+@dataclasses.dataclass
+class PlanReport:
+    """Per-chip bytes, fit and throughput of one training config on one TPU topology."""
+
+    topology: str
+    device_kind: str
+    chips: int
+    mesh: dict[str, int]
+    hbm_bytes: int
+    param_bytes: int  # per chip, from the shards of the parameters
+    opt_state_bytes: int  # per chip, from the shards of the optimizer state
+    batch_bytes: int  # per chip, the input batch
+    temp_bytes: int  # per chip, XLA's temporaries: activations, gradients, logits, collectives' buffers
+    code_bytes: int  # per chip, the compiled program
+    total_bytes: int  # per chip: arguments + outputs not aliased to them + temporaries + code
+    fits: bool
+    headroom_bytes: int  # hbm - total (negative when it does not fit)
+    tokens_per_step: int
+    flops_per_step: float  # train_step_flops: model FLOPs, the MFU convention
+    # XLA's cost analysis x chips x grad_accum_steps (it counts a loop body once); remat recomputation included
+    xla_flops_per_step: float | None
+    mfu: float
+    peak_flops_per_chip: float
+    tokens_per_s: float  # at `mfu`
+    step_seconds: float  # at `mfu`
+    compile_seconds: float
+    xla_error: str | None = None  # XLA's out-of-memory message when the program cannot be laid out in HBM
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(total_gib=self.total_bytes / GIB, hbm_gib=self.hbm_bytes / GIB)
+        return out
+
+    def format_table(self) -> str:
+        """A readable summary, one quantity per line."""
+        gib = lambda b: f"{b / GIB:9.2f} GiB"  # noqa: E731
+        xla = "n/a" if self.xla_flops_per_step is None else f"{self.xla_flops_per_step:.4g}"
+        verdict = (f"FITS with {self.headroom_bytes / GIB:.2f} GiB headroom" if self.fits
+                   else f"DOES NOT FIT: {-self.headroom_bytes / GIB:.2f} GiB over")
+        lines = [
+            f"topology          {self.topology}: {self.chips} x {self.device_kind}, mesh "
+            + " ".join(f"{k}={v}" for k, v in self.mesh.items()),
+            "per chip:",
+            f"  parameters      {gib(self.param_bytes)}",
+            f"  optimizer state {gib(self.opt_state_bytes)}",
+            f"  batch           {gib(self.batch_bytes)}",
+            f"  temporaries     {gib(self.temp_bytes)}  (activations, gradients, logits)",
+            f"  program         {gib(self.code_bytes)}",
+            f"  total           {gib(self.total_bytes)}  of {self.hbm_bytes / GIB:.2f} GiB HBM: {verdict}",
+            f"tokens per step   {self.tokens_per_step:,}",
+            f"FLOPs per step    {self.flops_per_step:.4g} (model), {xla} (XLA, with recomputation)",
+            f"at MFU {self.mfu:.0%}        {self.tokens_per_s:,.0f} tokens/s, {self.step_seconds:.3g} s/step "
+            f"({self.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16 peak per chip)",
+            f"compile           {self.compile_seconds:.1f} s",
+        ]
+        if self.xla_error:
+            lines.append(f"XLA               {self.xla_error}")
+        return "\n".join(lines)
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
+    """(generation, chip grid) of a topology name like ``v5e:16x16``; a ClpError lists examples otherwise."""
+    m = _TOPOLOGY.match(name.strip().lower())
+    if m is None:
+        raise ClpError(f"unknown TPU topology {name!r}; expected GENERATION:AxB[xC] with generation one of "
+                       f"{', '.join(CHIPS)}, e.g. {', '.join(TOPOLOGY_EXAMPLES)}")
+    return m.group(1), tuple(int(d) for d in m.group(2).split("x"))
+
+
+def libtpu_installed() -> bool:
+    """Whether libtpu (the TPU compiler) can be loaded: the ``libtpu`` package or ``TPU_LIBRARY_PATH``."""
+    return importlib.util.find_spec("libtpu") is not None or os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))
+
+
+def _host_has_tpu() -> bool:
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # a private helper: when it moves, assume a TPU host (libtpu then just logs more)
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_libtpu_load() -> Iterator[None]:
+    """While libtpu loads on a host without TPUs, describe the host to it so it does not log errors."""
+    if _host_has_tpu() or any(k in os.environ for k in (*_STANDALONE_HOST_ENV, "TPU_ACCELERATOR_TYPE")):
+        yield
+        return
+    os.environ.update(_STANDALONE_HOST_ENV)
+    try:
+        yield
+    finally:
+        for k in _STANDALONE_HOST_ENV:
+            os.environ.pop(k, None)
+
+
+def tpu_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
+    """The chip spec and libtpu's compile-only devices (one per chip) of ``topology``; no TPU needed."""
+    generation, _ = parse_topology(topology)
+    chip = CHIPS[generation]
+    if not libtpu_installed():
+        raise ClpError(f'planning for a TPU topology needs libtpu: pip install "jax[tpu]=={jax.__version__}"')
+    # Compile-only: do not take libtpu's one-process-per-host lock from a concurrent run on this host.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    kwargs = {"chip_config_name": chip.chip_config} if chip.chip_config else {}
+    try:
+        with _quiet_libtpu_load():
+            desc = topologies.get_topology_desc(topology_name=topology.strip().lower(), platform="tpu", **kwargs)
+    except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+        raise ClpError(f"libtpu cannot describe topology {topology!r}: {str(e).splitlines()[0]}") from None
+    return chip, list(desc.devices)
+
+
+def model_config(cfg: TrainConfig) -> TransformerConfig:
+    """The architecture of ``model.init`` (its config.json only) with the run's numerics."""
+    return read_config(cfg.model.init, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype).replace(
+        remat=cfg.model.remat)
+
+
+def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global train batch as sharded ShapeDtypeStructs (SFT adds float32 ``loss_weights``)."""
+    shape = (cfg.data.batch_size, cfg.data.seq_len)
+    sharding = batch_sharding(mesh, shape)
+    dtypes = {"tokens": np.int32, "segment_ids": np.int32, "positions": np.int32}
+    if cfg.data.mode == "sft":
+        dtypes["loss_weights"] = np.float32
+    return {k: jax.ShapeDtypeStruct(shape, d, sharding=sharding) for k, d in dtypes.items()}
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        sharding = leaf.sharding
+        shape = sharding.shard_shape(leaf.shape) if isinstance(sharding, NamedSharding) else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _xla_oom_bytes(message: str) -> int | None:
+    """The per-chip bytes XLA:TPU's out-of-memory message says the program needs, if it is one."""
+    m = next((m for m in (p.search(message) for p in _XLA_OOM) if m), None)
+    if m is None:
+        return None
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": GIB, "T": 2**40}[m.group(2)])
+
+
+def _xla_flops(compiled: Any) -> float | None:
+    costs = compiled.cost_analysis()
+    if isinstance(costs, (list, tuple)):
+        costs = costs[0] if costs else None
+    flops = (costs or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+def compile_for_memory(step: Any, state: Any, batch: Any) -> dict[str, Any]:
+    """Compile ``step`` for its devices: per-chip ``total``, ``temp`` and ``code`` bytes, per-chip ``flops`` and
+    ``error``, XLA's message when the program does not fit in HBM (``total`` is then XLA's requirement)."""
+    try:
+        compiled = step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        needed = _xla_oom_bytes(str(e))
+        if needed is None:
+            raise
+        temp = max(needed - bytes_per_device((state, batch)), 0)
+        return {"total": needed, "temp": temp, "code": 0, "flops": None, "error": str(e).strip().splitlines()[0]}
+    mem = compiled.memory_analysis()
+    temp, code = int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes)
+    total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes) + temp + code
+    return {"total": total, "temp": temp, "code": code, "flops": _xla_flops(compiled), "error": None}
+
+
+def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
+    """Compile ``cfg``'s train step for ``topology`` (e.g. ``v5e:16x16``) and report its per-chip footprint."""
+    if not 0 < mfu <= 1:
+        raise ClpError(f"mfu must be in (0, 1], got {mfu}")
+    topology = topology.strip().lower()
+    chip, devices = tpu_devices(topology)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    except ClpError as e:
+        raise ClpError(f"{topology} has {len(devices)} chips: {e}") from None
+    model_cfg = model_config(cfg)
+    seq_len, rows = cfg.data.seq_len, cfg.data.batch_size
+    if model_cfg.position == "learned" and seq_len > model_cfg.max_position_embeddings:
+        raise ClpError(f"{cfg.model.init}: data.seq_len {seq_len} exceeds the model's "
+                       f"{model_cfg.max_position_embeddings} learned positions")
+    check_batch_shape((rows, seq_len), mesh, cfg.grad_accum_steps)
+    optimizer = make_optimizer(cfg.optimizer)
+    state, batch = abstract_state(model_cfg, mesh, optimizer), abstract_batch(cfg, mesh)
+    step = make_train_step(model_cfg, optimizer, mesh, cfg.grad_accum_steps, skip_nonfinite=cfg.nonfinite == "skip")
+    start = time.perf_counter()
+    xla = compile_for_memory(step, state, batch)
+    compile_seconds = time.perf_counter() - start
+    tokens = rows * seq_len
+    flops = train_step_flops(model_cfg, tokens, seq_len)
+    tokens_per_s = mfu * len(devices) * chip.peak_flops * tokens / flops
+    return PlanReport(
+        topology=topology, device_kind=devices[0].device_kind, chips=len(devices), mesh=dict(mesh.shape),
+        hbm_bytes=chip.hbm_bytes, param_bytes=bytes_per_device(state.params),
+        opt_state_bytes=bytes_per_device(state.opt_state), batch_bytes=bytes_per_device(batch),
+        temp_bytes=xla["temp"], code_bytes=xla["code"], total_bytes=xla["total"],
+        fits=xla["error"] is None and xla["total"] <= chip.hbm_bytes, headroom_bytes=chip.hbm_bytes - xla["total"],
+        tokens_per_step=tokens, flops_per_step=flops,
+        xla_flops_per_step=None if xla["flops"] is None else xla["flops"] * len(devices) * cfg.grad_accum_steps,
+        mfu=mfu, peak_flops_per_chip=chip.peak_flops, tokens_per_s=tokens_per_s, step_seconds=tokens / tokens_per_s,
+        compile_seconds=compile_seconds, xla_error=xla["error"])
