@@ -13,7 +13,8 @@ import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, for MFU on accelerators (vendor figures).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+              "TPU v5": 459e12}  # v5p reports "TPU v5"; checked after "TPU v5 lite"
 
 
 def device_peak_flops(measure_seconds: float = 1.0) -> tuple[float, str]:
