@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +19,7 @@ import yaml
 from pydantic import ConfigDict
 
 from clp_jax.errors import ClpError
+from clp_jax.files import atomic_open
 
 CLI = "command line"
 
@@ -184,16 +184,6 @@ def config_to_dict(cfg: ConfigModel) -> dict:
 
 def save_config(cfg: ConfigModel, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically: a temp file in the same folder, then `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(text)

@@ -28,6 +28,7 @@ from clp_jax.data.demo_files import write_demo_corpus
 from clp_jax.data.pipeline import DataConfig
 from clp_jax.errors import ClpError
 from clp_jax.eval.report import plot_eval_curves, plot_steps_fraction, steps_fraction
+from clp_jax.files import atomic_open, write_json
 from clp_jax.hf.writer import save_pretrained
 from clp_jax.models.config import TransformerConfig
 from clp_jax.posttrain.tasks import dialogue_pairs, write_jsonl
@@ -200,10 +201,9 @@ def _write_report(out: str, src: str, tgt: str, steps: int, curves: dict, fracti
               f"Dialogue pairs: 300 {src} + 100 {tgt}, {sft['steps']} steps; held-out response loss per language:", ""]
     lines += [f"- {k.split('/')[1]}: {v:.4f}" for k, v in sft.items() if k.startswith("eval/")]
     lines += ["", f"Total time: {seconds / 60:.1f} min."]
-    with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
+    with atomic_open(os.path.join(out, "report.md")) as f:
         f.write("\n".join(lines) + "\n")
     result = {"final_loss": final, "steps_fraction": fractions, "sft": sft, "minutes": round(seconds / 60, 2),
               "report": os.path.join(out, "report.md")}
-    with open(os.path.join(out, "demo.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(out, "demo.json"), result)
     return result

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from clp_jax.cli.common import add_config_args, print_result, resolve_config
-from clp_jax.train.config import TrainConfig
-from clp_jax.train.loop import Trainer
+from clp_jax.cli import train_cmd
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -17,15 +15,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                     "formatted with the tokenizer's chat template when it has one, and the loss covers response "
                     "tokens only. Several sources (tasks, languages) are mixed by data.mixture, e.g. "
                     "kind=english_plus_n for a fixed English budget plus N examples per language.")
-    p.add_argument("--run-dir", help="run dir (config, metrics, checkpoints, exports); reused to resume")
-    p.add_argument("--init", help="HF model dir to fine-tune (model.init)")
-    p.add_argument("--steps", type=int, help="training steps")
-    add_config_args(p)
+    train_cmd.add_run_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    args.overrides = ["data.mode=sft", *args.overrides]
-    cfg = resolve_config(TrainConfig, args, {"run_dir": "run_dir", "init": "model.init", "steps": "steps"})
-    print_result(Trainer(cfg).run())
-    return 0
+    return train_cmd.run(args, forced=["data.mode=sft"])

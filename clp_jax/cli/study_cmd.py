@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
 from clp_jax.cli.common import add_config_args, print_result, resolve_config
 from clp_jax.config import save_config
+from clp_jax.files import atomic_open, write_json
 from clp_jax.posttrain import study
 from clp_jax.posttrain.plots import plot_gap, plot_metric_vs_n, plot_transfer_matrix
 
@@ -69,10 +69,7 @@ def run(args: argparse.Namespace) -> int:
         result = {"cell": cell.id, "model": cell.model, "design": cell.design, "tasks": list(cell.tasks),
                   "n": cell.n, "train_languages": list(cell.train_languages),
                   "train_loss": summary.get("loss"), "scores": scores}
-        tmp = result_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, result_path)
+        write_json(result_path, result)
         results.append(result)
     rows = list(study.result_rows(results))
     _write_results(cfg.run_dir, results, rows)
@@ -92,13 +89,8 @@ def run(args: argparse.Namespace) -> int:
 def _write_results(run_dir: str, results: list[dict], rows: list[dict]) -> None:
     flat = [{k: v for k, v in r.items() if k != "example"} for r in rows]
     fields = list(dict.fromkeys(k for r in flat for k in r))
-    tmp = os.path.join(run_dir, "results.csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_open(os.path.join(run_dir, "results.csv"), newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
-    os.replace(tmp, os.path.join(run_dir, "results.csv"))
-    tmp = os.path.join(run_dir, "results.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, os.path.join(run_dir, "results.json"))
+    write_json(os.path.join(run_dir, "results.json"), results)

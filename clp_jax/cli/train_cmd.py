@@ -16,15 +16,21 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
                     "and cosine/linear decay, gradient accumulation, Orbax checkpoints (a restart resumes from the "
                     "latest one, SIGTERM saves and exits), per-language held-out loss, metrics.jsonl and "
                     "TensorBoard in the run dir, and an HF export at the end (run_dir/hf/final).")
+    add_run_arguments(p)
+    p.set_defaults(func=run)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `train` and `sft`: both read a TrainConfig."""
     p.add_argument("--run-dir", help="run dir (config, metrics, checkpoints, exports); reused to resume")
     p.add_argument("--init", help="HF model dir to start from (model.init)")
     p.add_argument("--steps", type=int, help="training steps")
     add_config_args(p)
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, forced: list[str] | None = None) -> int:
+    """Resolve the TrainConfig (``forced`` overrides come before the user's) and train."""
+    args.overrides = [*(forced or []), *args.overrides]
     cfg = resolve_config(TrainConfig, args, {"run_dir": "run_dir", "init": "model.init", "steps": "steps"})
-    summary = Trainer(cfg).run()
-    print_result(summary)
+    print_result(Trainer(cfg).run())
     return 0

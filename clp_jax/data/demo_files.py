@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 from clp_jax.data.demo_corpus import demo_texts
+from clp_jax.files import atomic_open
 
 
 def write_demo_corpus(directory: str, languages: Sequence[str]) -> dict[str, str]:
@@ -14,9 +15,7 @@ def write_demo_corpus(directory: str, languages: Sequence[str]) -> dict[str, str
     paths = {}
     for lang in languages:
         path = os.path.join(directory, f"{lang}.txt")
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             f.write("\n".join(demo_texts(lang)) + "\n")
-        os.replace(tmp, path)
         paths[lang] = path
     return paths

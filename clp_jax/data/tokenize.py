@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 
 from clp_jax.data.sources import MIXED_LANGUAGE, Document, SourceData
 from clp_jax.errors import ClpError
+from clp_jax.files import atomic_open
 
 CACHE_VERSION = 1  # bump when the cached arrays' meaning changes
 UNDETERMINED_LANGUAGE = "und"  # ISO 639-2, for plain strings given without a language
@@ -133,16 +133,8 @@ def _load_cached(cache_dir: str | os.PathLike, key: str, num_docs: int) -> tuple
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
     """np.save to a temp file in the same folder, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
 
 
 def _save_cached(cache_dir: str | os.PathLike, key: str, tokens: np.ndarray, offsets: np.ndarray) -> None:

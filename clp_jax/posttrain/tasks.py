@@ -11,7 +11,6 @@ import importlib.resources
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from num2words import num2words
 from clp_jax.data.demo_corpus import LANGUAGES as DIALOGUE_LANGUAGES
 from clp_jax.data.sources import LM_TASK, SourceConfig, read_source
 from clp_jax.errors import ClpError
+from clp_jax.files import atomic_open
 
 MATH_TASK = "math"
 DIALOGUE_TASK = "dialogue"
@@ -258,19 +258,9 @@ def write_jsonl(examples: Sequence[dict], path: str | os.PathLike) -> None:
         bad = [k for k in EXAMPLE_KEYS if not isinstance(example.get(k), str)]
         if bad:
             raise ClpError(f"{path}: example {i} needs string fields {', '.join(bad)} before it can be written")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for example in examples:
-                f.write(json.dumps(example, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        for example in examples:
+            f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
 
 # Built-in offline tasks: name -> generator(language, n, seed). JSONL tasks come through `load_jsonl_task`.

@@ -5,7 +5,6 @@ Everything with side effects (files, console, signals) is here or in the CLI; th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from clp_jax.config import save_config
 from clp_jax.data.pipeline import Data, build_data
 from clp_jax.errors import ClpError
+from clp_jax.files import write_json
 from clp_jax.hf.reader import load_params, read_config, read_config_dict
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.hf.writer import save_pretrained
@@ -53,10 +53,7 @@ def _say(msg: str) -> None:
 
 def _write_json(path: str, data: Any) -> None:
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, data)
 
 
 def _global_batch(rows: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
