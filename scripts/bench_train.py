@@ -2,8 +2,10 @@
 
 One GPT-2-style model (default 6 layers, d=512, 8 heads, seq 256, vocab 8192, batch 8), the same shapes
 on both sides, float32, timed in alternating rounds in one process; MFU is measured against the float32
-matmul rate this machine reaches in the same run. Prints a table to stderr and, last on stdout, one JSON
-line with `speedup_vs_pytorch` and `mfu`.
+matmul rate this machine reaches in the same run. Also times the step's matmuls alone (same shapes and
+transposes, one jit, nothing else): that floor bounds the speedup any JAX implementation could reach here.
+Prints a table to stderr and, last on stdout, one JSON line with `speedup_vs_pytorch`, `mfu` and
+`matmul_floor_vs_pytorch`.
 
     python scripts/bench_train.py [--layers 6] [--d-model 512] [--seq-len 256] [--batch 8] [--rounds 3]
 """
@@ -55,6 +57,47 @@ def time_ours(cfg: TransformerConfig, batches: list[dict], steps: int) -> tuple:
         return state, time.perf_counter() - start, float(m["loss"])
 
     return state, run
+
+
+def step_matmuls(cfg: TransformerConfig, batch: int, seq_len: int) -> list[tuple]:
+    """(lhs shape, rhs shape, dimension numbers) of every matmul in one training step, forward and backward.
+
+    Each dense layer x[N,K] @ W[K,O] contributes x @ W, dy @ W^T and x^T @ dy; the tied output layer the same
+    against the [V, E] table; attention per layer QK^T and PV forward and four batched products backward.
+    """
+    n, e, m, v = batch * seq_len, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    bh, t, d = batch * cfg.num_heads, seq_len, cfg.head_dim
+    nn_, nt, tn = (((1,), (0,)), ((), ())), (((1,), (1,)), ((), ())), (((0,), (0,)), ((), ()))
+    out = []
+    for k, o in [(e, e)] * 4 + [(e, m), (m, e)]:
+        out += [((n, k), (k, o), nn_), ((n, o), (k, o), nt), ((n, k), (n, o), tn)]
+    out = out * cfg.num_layers
+    out += [((n, e), (v, e), nt), ((n, v), (v, e), nn_), ((n, v), (n, e), tn)]
+    batched = lambda lc, rc: (((lc,), (rc,)), ((0,), (0,)))  # noqa: E731
+    attention = [((bh, t, d), (bh, t, d), batched(2, 2)),  # scores = Q K^T
+                 ((bh, t, t), (bh, t, d), batched(2, 1)),  # out = P V
+                 ((bh, t, t), (bh, t, d), batched(1, 1)),  # dV = P^T dO
+                 ((bh, t, d), (bh, t, d), batched(2, 2)),  # dP = dO V^T
+                 ((bh, t, t), (bh, t, d), batched(2, 1)),  # dQ = dS K
+                 ((bh, t, t), (bh, t, d), batched(1, 1))]  # dK = dS^T Q
+    return out + attention * cfg.num_layers
+
+
+def time_matmul_floor(cfg: TransformerConfig, batch: int, seq_len: int):
+    """Seconds for only the matmuls of one step, all in one jit: no implementation on this XLA can be faster."""
+    products = step_matmuls(cfg, batch, seq_len)
+    rng = np.random.default_rng(0)
+    operands = [(jax.numpy.asarray(rng.standard_normal(a, np.float32)),
+                 jax.numpy.asarray(rng.standard_normal(b, np.float32))) for a, b, _ in products]
+    fn = jax.jit(lambda ops: [jax.lax.dot_general(x, y, dims) for (x, y), (_, _, dims) in zip(ops, products)])
+    jax.block_until_ready(fn(operands))
+
+    def run(_):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(operands))
+        return None, time.perf_counter() - start, float("nan")
+
+    return run
 
 
 def time_torch(cfg: TransformerConfig, batches: list[dict], steps: int):
@@ -115,14 +158,17 @@ def main() -> None:
     peak = measure_matmul_flops(2.0, n=2048)
     state, ours = time_ours(cfg, batches, args.steps)
     theirs = time_torch(cfg, batches, args.steps)
-    ours_t, torch_t = [], []
+    floor = time_matmul_floor(cfg, args.batch, args.seq_len)
+    ours_t, torch_t, floor_t = [], [], []
     for _ in range(args.rounds):
         state, t, ours_loss = ours(state)
         ours_t.append(t)
         _, t, torch_loss = theirs(None)
         torch_t.append(t)
+        floor_t.append(min(floor(None)[1] for _ in range(args.steps)))
     tokens = args.batch * args.seq_len * args.steps
     ours_tps, torch_tps = tokens / statistics.median(ours_t), tokens / statistics.median(torch_t)
+    floor_tps = args.batch * args.seq_len / statistics.median(floor_t)
     flops = train_step_flops(cfg, args.batch * args.seq_len, args.seq_len)
     mfu = ours_tps / (args.batch * args.seq_len) * flops / peak
     torch_mfu = torch_tps / (args.batch * args.seq_len) * flops / peak
@@ -132,8 +178,12 @@ def main() -> None:
     print(f"matmul peak (float32, measured): {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
     print(f"clp-jax : {ours_tps:9.0f} tokens/s  MFU {mfu:6.1%}  (loss {ours_loss:.3f})", file=sys.stderr)
     print(f"pytorch : {torch_tps:9.0f} tokens/s  MFU {torch_mfu:6.1%}  (loss {torch_loss:.3f})", file=sys.stderr)
+    print(f"matmuls only (floor): {floor_tps:9.0f} tokens/s = {floor_tps / torch_tps:.2f}x pytorch, the most any "
+          f"implementation on this XLA build could reach", file=sys.stderr)
     print(json.dumps({"tokens_per_s": round(ours_tps, 1), "pytorch_tokens_per_s": round(torch_tps, 1),
                       "speedup_vs_pytorch": round(ours_tps / torch_tps, 3), "mfu": round(mfu, 4),
+                      "matmul_floor_tokens_per_s": round(floor_tps, 1),
+                      "matmul_floor_vs_pytorch": round(floor_tps / torch_tps, 3),
                       "pytorch_mfu": round(torch_mfu, 4), "peak_gflops": round(peak / 1e9, 1),
                       "step_gflop": round(flops / 1e9, 2), "device": jax.devices()[0].device_kind,
                       "layers": cfg.num_layers, "d_model": cfg.hidden_size, "seq_len": args.seq_len,

@@ -111,18 +111,59 @@ def cache_attention_mask(q_positions: Array, k_positions: Array, sliding_window:
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
-    """Grouped-query attention; q [B,T,H,D], k/v [B,S,KV,D]; softmax in float32."""
+    """Grouped-query attention; q [B,T,H,D], k/v [B,S,KV,D], mask [B,1,T,S], bias [B,H,1|T,S]; float32 softmax.
+
+    A custom VJP keeps the backward pass to the four matmuls and one elementwise pass of the textbook
+    formula (dS = P * (dP - rowsum(dO * O))); XLA's derivative of the softmax graph makes more passes over
+    the [T, S] scores, which dominate attention time on CPU.
+    """
+    return _attention(q, k, v, mask, bias, scale)
+
+
+def _heads_major(x: Array, kv: int) -> Array:
+    """[B, T, H, D] -> [B, KV, G, T, D] with head h = kv * G + g, as Hugging Face groups them."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+
+
+def _grouped(x: Array, kv: int) -> Array:
+    """A [B, 1|H, T|1, S] mask or bias -> [B, 1|KV, 1|G, T|1, S], broadcasting against grouped scores."""
+    b, h, t, s = x.shape
+    return x[:, :, None] if h == 1 else x.reshape(b, kv, h // kv, t, s)
+
+
+def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> tuple:
     b, t, h, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    scores = scores.reshape(b, h, t, -1)
+    qh, kh, vh = _heads_major(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * scale
     if bias is not None:
-        scores = scores + bias
+        scores = scores + _grouped(bias, kv)
+    mask = _grouped(mask, kv)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, h // kv, t, -1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(v.dtype)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    out = out.astype(v.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), (qh, kh, vh, mask, probs, out)
+
+
+def _attention_bwd(scale: float, res: tuple, d_out: Array) -> tuple:
+    qh, kh, vh, mask, probs, out = res
+    b, kv, g, t, d = qh.shape
+    do = _heads_major(d_out, kv)
+    dv = jnp.einsum("bkgts,bkgtd->bskd", probs.astype(vh.dtype), do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkgtd,bksd->bkgts", do, vh, preferred_element_type=jnp.float32)
+    rowsum = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = jnp.where(mask, probs * (dp - rowsum) * scale, 0.0).astype(qh.dtype)
+    dq = jnp.einsum("bkgts,bksd->btkgd", ds, kh, preferred_element_type=jnp.float32).reshape(b, t, kv * g, d)
+    dk = jnp.einsum("bkgts,bkgtd->bskd", ds, qh, preferred_element_type=jnp.float32)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+
+
+_attention = jax.custom_vjp(lambda q, k, v, mask, bias, scale: _attention_fwd(q, k, v, mask, bias, scale)[0],
+                            nondiff_argnums=(5,))
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def activation(name: str, x: Array) -> Array:

@@ -13,6 +13,8 @@ query's, so rows may start at different slots (left padding) and still count pos
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,10 +54,12 @@ class Dense(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range * self.init_scale)
         w = param(self, "kernel", init, self.in_shape + self.out_shape, self.in_axes + self.out_axes,
                   cfg.weight_dtype)
-        n_in = len(self.in_shape)
-        y = jax.lax.dot_general(x, w.astype(cfg.compute_dtype),
-                                ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())),
-                                preferred_element_type=jnp.float32)
+        # One 2-D matmul over flattened dims: its backward pass is two plain matmuls too, where a multi-dim
+        # dot_general makes XLA:CPU transpose the incoming gradient (re-fusing its whole producer chain).
+        k, n = math.prod(self.in_shape), math.prod(self.out_shape)
+        lead = x.shape[:x.ndim - len(self.in_shape)]
+        y = jnp.dot(x.reshape(-1, k), w.astype(cfg.compute_dtype).reshape(k, n), preferred_element_type=jnp.float32)
+        y = y.reshape(*lead, *self.out_shape)
         if self.use_bias:
             b = param(self, "bias", nn.initializers.zeros, self.out_shape, self.out_axes, cfg.weight_dtype)
             y = y + b.astype(jnp.float32)

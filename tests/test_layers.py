@@ -1,0 +1,77 @@
+"""Attention's hand-written VJP against float64 PyTorch autograd of the textbook formula."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from clp_jax.models.layers import alibi_slopes, attention_mask, dot_product_attention
+
+
+def torch_attention(q, k, v, bias, scale):
+    """softmax(q k^T * scale + bias) v in float64, heads of q grouped onto kv heads as Hugging Face does."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    k = k.repeat_interleave(h // kv, dim=2)
+    v = v.repeat_interleave(h // kv, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale + bias
+    return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v)
+
+
+CASES = {
+    "causal": dict(heads=4, kv=4, segments=[[1] * 12, [1] * 12], alibi=False, window=None),
+    "gqa_packed_padded": dict(heads=6, kv=2, segments=[[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], alibi=False,
+                              window=None),
+    "alibi_window": dict(heads=4, kv=1, segments=[[1] * 7 + [0] * 5, [3] * 12], alibi=True, window=4),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_value_and_grads_match_float64_autograd(case):
+    c = CASES[case]
+    rng = np.random.default_rng(0)
+    segments = np.asarray(c["segments"], np.int32)
+    b, t = segments.shape
+    positions = np.zeros_like(segments)
+    for row in range(b):  # positions restart at each document, as packing writes them
+        for i in range(1, t):
+            positions[row, i] = 0 if segments[row, i] != segments[row, i - 1] else positions[row, i - 1] + 1
+    q = rng.normal(size=(b, t, c["heads"], 8)).astype(np.float32)
+    k = rng.normal(size=(b, t, c["kv"], 8)).astype(np.float32)
+    v = rng.normal(size=(b, t, c["kv"], 8)).astype(np.float32)
+    cotangent = rng.normal(size=q.shape).astype(np.float32)
+    cotangent[segments == 0] = 0.0  # padding queries get no gradient in training (their loss weight is 0)
+    mask = attention_mask(jnp.asarray(segments), jnp.asarray(positions), c["window"])
+    bias = np.zeros((b, 1, 1, t), np.float32)
+    if c["alibi"]:
+        bias = alibi_slopes(c["heads"])[None, :, None, None] * positions[:, None, None, :].astype(np.float32)
+    scale = 8**-0.5
+
+    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, mask, jnp.asarray(bias) if c["alibi"] else None,
+                                                             scale), q, k, v)
+    grads = vjp(jnp.asarray(cotangent))
+
+    tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
+    additive = np.where(np.asarray(mask), bias, -1e30)
+    ref = torch_attention(tq, tk, tv, torch.tensor(additive, dtype=torch.float64), scale)
+    ref.backward(torch.tensor(cotangent, dtype=torch.float64))
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        assert np.isfinite(np.asarray(got)).all()
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_fully_masked_rows_stay_finite_and_get_no_gradient():
+    """A query that may attend to nothing (padding) yields finite output and no gradient through its scores."""
+    mask = jnp.asarray([[True, False, False], [False, False, False], [True, True, True]])[None, None]
+    q = jnp.asarray(np.random.default_rng(1).normal(size=(1, 3, 2, 4)), jnp.float32)
+    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, mask, None, 0.5), q, q[:, :, :1], q[:, :, :1])
+    assert np.isfinite(np.asarray(out)).all()
+    only_masked_row = jnp.zeros_like(out).at[:, 1].set(1.0)
+    dq, dk, dv = vjp(only_masked_row)
+    np.testing.assert_array_equal(np.asarray(dq), 0.0)
+    np.testing.assert_array_equal(np.asarray(dk), 0.0)
+    assert np.isfinite(np.asarray(dv)).all()
