@@ -50,5 +50,16 @@ def en_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def en_gpt2_dir(tmp_path_factory, en_tokenizer):
+    """A tiny random GPT-2 saved as an HF model dir with the English tokenizer, for CLI tests (read-only)."""
+    from hf_models import make_hf_model
+
+    d = tmp_path_factory.mktemp("en_gpt2")
+    make_hf_model("gpt2", vocab_size=len(en_tokenizer)).save_pretrained(d)
+    en_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def de_tokenizer():
     return train_byte_level_tokenizer(make_sentences(WORDS_DE, 400, seed=1), vocab_size=320)

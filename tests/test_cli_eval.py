@@ -2,20 +2,11 @@
 
 import json
 
-import pytest
 import yaml
 from conftest import WORDS_EN, make_sentences
 from hf_models import make_hf_model
 
 from clp_jax.cli.main import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, en_tokenizer):
-    d = tmp_path_factory.mktemp("model")
-    make_hf_model("gpt2", vocab_size=len(en_tokenizer)).save_pretrained(d)
-    en_tokenizer.save_pretrained(d)
-    return d
 
 
 def run_cli(argv, capsys):
@@ -24,10 +15,10 @@ def run_cli(argv, capsys):
     return code, out, err
 
 
-def test_eval_prints_json_and_saves_config(model_dir, tmp_path, capsys):
+def test_eval_prints_json_and_saves_config(en_gpt2_dir, tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text("\n".join(make_sentences(WORDS_EN, 12, seed=9)) + "\n\n")
-    code, out, err = run_cli(["eval", "--model", model_dir, "--data", data, "--seq-len", 32, "--batch-size", 3,
+    code, out, err = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size", 3,
                               "--out", tmp_path / "run", "mesh.data=4", "mesh.fsdp=2"], capsys)
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
@@ -35,12 +26,12 @@ def test_eval_prints_json_and_saves_config(model_dir, tmp_path, capsys):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["batch_size"] == 3 and saved["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["loss"] == result["loss"]
-    code, out2, _ = run_cli(["eval", "--model", model_dir, "--data", data, "--seq-len", 32, "--batch-size", 12],
+    code, out2, _ = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size", 12],
                             capsys)
     assert abs(json.loads(out2.strip().splitlines()[-1])["loss"] - result["loss"]) < 1e-6
 
 
-def test_eval_errors(model_dir, tmp_path, capsys, en_tokenizer):
+def test_eval_errors(en_gpt2_dir, tmp_path, capsys, en_tokenizer):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     bad = tmp_path / "bad.txt"
@@ -50,13 +41,13 @@ def test_eval_errors(model_dir, tmp_path, capsys, en_tokenizer):
     en_tokenizer.save_pretrained(small)
     cases = [
         (["--model", tmp_path / "missing", "--data", empty], "missing: model directory not found"),
-        (["--model", model_dir, "--data", tmp_path / "none.txt", "--seq-len", 32], "none.txt: data file not found"),
-        (["--model", model_dir, "--data", empty, "--seq-len", 32], "empty.txt: data file is empty"),
-        (["--model", model_dir, "--data", bad, "--seq-len", 32], "bad.txt: line 2 is not valid UTF-8"),
+        (["--model", en_gpt2_dir, "--data", tmp_path / "none.txt", "--seq-len", 32], "none.txt: data file not found"),
+        (["--model", en_gpt2_dir, "--data", empty, "--seq-len", 32], "empty.txt: data file is empty"),
+        (["--model", en_gpt2_dir, "--data", bad, "--seq-len", 32], "bad.txt: line 2 is not valid UTF-8"),
         (["--model", small, "--data", bad, "--seq-len", 32], "tokenizer has"),
-        (["--model", model_dir, "--data", bad], "seq_len 1024 exceeds the model's 64 learned positions"),
-        (["--model", model_dir, "--data", empty, "--seq-len", 1], "seq_len"),
-        (["--model", model_dir, "--data", empty, "mesh.dta=2"], "did you mean 'mesh.data'"),
+        (["--model", en_gpt2_dir, "--data", bad], "seq_len 1024 exceeds the model's 64 learned positions"),
+        (["--model", en_gpt2_dir, "--data", empty, "--seq-len", 1], "seq_len"),
+        (["--model", en_gpt2_dir, "--data", empty, "mesh.dta=2"], "did you mean 'mesh.data'"),
     ]
     capsys.readouterr()
     for argv, fragment in cases:

@@ -121,16 +121,8 @@ def test_generate_text_encodes_batches_and_decodes(tmp_root, en_tokenizer):
     assert generate_text(params, cfg, en_tokenizer, [], max_new_tokens=N) == []
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, en_tokenizer):
-    d = tmp_path_factory.mktemp("cli_model")
-    make_hf_model("gpt2", vocab_size=len(en_tokenizer)).save_pretrained(d)
-    en_tokenizer.save_pretrained(d)
-    return d
-
-
-def test_cli_prints_completions_and_json(model_dir, capsys):
-    code = main(["generate", "--model", str(model_dir), "--prompt", "the house is", "--prompt", "a child reads a",
+def test_cli_prints_completions_and_json(en_gpt2_dir, capsys):
+    code = main(["generate", "--model", str(en_gpt2_dir), "--prompt", "the house is", "--prompt", "a child reads a",
                  "--max-new-tokens", "6"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -142,11 +134,11 @@ def test_cli_prints_completions_and_json(model_dir, capsys):
         assert completion in out
 
 
-def test_cli_errors(model_dir, tmp_path, capsys):
+def test_cli_errors(en_gpt2_dir, tmp_path, capsys):
     cases = [
         (["--model", str(tmp_path / "missing"), "--prompt", "x"], "missing: model directory not found"),
-        (["--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "100"], "learned positions"),
-        (["--model", str(model_dir), "--prompt", "x", "--chat", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--model", str(en_gpt2_dir), "--prompt", "x", "--max-new-tokens", "100"], "learned positions"),
+        (["--model", str(en_gpt2_dir), "--prompt", "x", "--chat", "--max-new-tokens", "0"], "--max-new-tokens"),
     ]
     for argv, fragment in cases:
         code = main(["generate", *argv])
