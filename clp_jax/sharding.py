@@ -101,6 +101,18 @@ def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mes
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
 
 
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pin an intermediate's sharding by the rules table, under ``jax.sharding.use_abstract_mesh``; else ``x``.
+
+    Train and eval steps trace under their mesh, so activations keep the batch sharding XLA might otherwise
+    trade for the parameters' (fsdp) layout; model code stays mesh-agnostic.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+
+
 def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:
     """NamedShardings for a pytree, given matching trees of logical axes and shapes/arrays."""
     shapes = jax.tree.map(lambda x: tuple(x.shape), shapes_tree)

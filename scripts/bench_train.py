@@ -100,6 +100,36 @@ def time_matmul_floor(cfg: TransformerConfig, batch: int, seq_len: int):
     return seconds
 
 
+def matmul_kind(lhs: tuple, dims: tuple) -> str:
+    """'batched', '2d_tn' (contracting the row dim of both operands, as weight gradients do) or '2d_nn_nt'."""
+    (lc, _), (lb, _) = dims
+    return "batched" if lb else "2d_tn" if lc == (0,) else "2d_nn_nt"
+
+
+def matmul_rates(cfg: TransformerConfig, batch: int, seq_len: int, reps: int = 5) -> dict[str, float]:
+    """GFLOP/s per kind of the step's matmuls, each distinct product timed alone (best of ``reps``)."""
+    flops: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    counts: dict[tuple, int] = {}
+    for a, b, dims in step_matmuls(cfg, batch, seq_len):
+        counts[a, b, dims] = counts.get((a, b, dims), 0) + 1
+    for (a, b, dims), n in counts.items():
+        x, y = (jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in (a, b))
+        fn = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims))
+        out = jax.block_until_ready(fn(x, y))
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(x, y))
+            best = min(best, time.perf_counter() - start)
+        kind = matmul_kind(a, dims)
+        contracted = int(np.prod([a[i] for i in dims[0][0]]))
+        flops[kind] = flops.get(kind, 0.0) + n * 2.0 * out.size * contracted
+        seconds[kind] = seconds.get(kind, 0.0) + n * best
+    return {k: flops[k] / seconds[k] / 1e9 for k in sorted(flops)}
+
+
 def time_torch(cfg: TransformerConfig, batches: list[dict], steps: int):
     import torch
     import transformers
@@ -166,6 +196,7 @@ def main() -> None:
         _, t, torch_loss = theirs(None)
         torch_t.append(t)
         floor_t.append(min(floor() for _ in range(args.steps)))
+    rates = matmul_rates(cfg, args.batch, args.seq_len)
     tokens = args.batch * args.seq_len * args.steps
     ours_tps, torch_tps = tokens / statistics.median(ours_t), tokens / statistics.median(torch_t)
     floor_tps = args.batch * args.seq_len / statistics.median(floor_t)
@@ -180,10 +211,13 @@ def main() -> None:
     print(f"pytorch : {torch_tps:9.0f} tokens/s  MFU {torch_mfu:6.1%}  (loss {torch_loss:.3f})", file=sys.stderr)
     print(f"matmuls only (floor): {floor_tps:9.0f} tokens/s = {floor_tps / torch_tps:.2f}x pytorch, the most any "
           f"implementation on this XLA build could reach", file=sys.stderr)
+    print("matmul GFLOP/s by kind, each product alone: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
+          file=sys.stderr)
     print(json.dumps({"tokens_per_s": round(ours_tps, 1), "pytorch_tokens_per_s": round(torch_tps, 1),
                       "speedup_vs_pytorch": round(ours_tps / torch_tps, 3), "mfu": round(mfu, 4),
                       "matmul_floor_tokens_per_s": round(floor_tps, 1),
                       "matmul_floor_vs_pytorch": round(floor_tps / torch_tps, 3),
+                      "matmul_gflops_by_kind": {k: round(v, 1) for k, v in rates.items()},
                       "pytorch_mfu": round(torch_mfu, 4), "peak_gflops": round(peak / 1e9, 1),
                       "step_gflop": round(flops / 1e9, 2), "device": jax.devices()[0].device_kind,
                       "layers": cfg.num_layers, "d_model": cfg.hidden_size, "seq_len": args.seq_len,

@@ -14,9 +14,10 @@ from clp_jax.errors import ClpError
 from clp_jax.hf.reader import load_params
 from clp_jax.sharding import logical_to_spec, make_mesh
 from clp_jax.train.flops import matmul_params, train_step_flops
+from clp_jax.train.loss import token_targets
 from clp_jax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer
 from clp_jax.train.state import abstract_state, create_sharded_state, state_shardings
-from clp_jax.train.step import check_batch_shape, loss_fn, make_eval_step, make_train_step, token_targets
+from clp_jax.train.step import check_batch_shape, loss_fn, make_eval_step, make_train_step
 
 T, ROWS, VOCAB = 16, 16, 300
 OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", total_steps=100, b1=0.9, b2=0.95, eps=1e-8,
@@ -213,6 +214,20 @@ def test_sharded_training_matches_one_device(model, steps, run, shape, accum):
     if shape == (2, 2, 2):
         assert state.params["embed"]["embedding"].sharding.spec[0] == ("tensor", "fsdp")
         assert mu["layers_0"]["mlp"]["up"]["kernel"].sharding.spec == PartitionSpec("fsdp", "tensor")
+
+
+def test_chunked_loss_training_matches_whole_sequence(model, steps, run):
+    """model.logits_chunk = 5 (T = 16: three chunks and a padded one) on 8 devices = whole-sequence logits on 1."""
+    cfg, params, _ = model
+    seeds = (20, 21, 22)
+    want, want_metrics = run((1, 1, 1), 1, seeds)
+    mesh, step = steps((2, 2, 2), 1, cfg.replace(logits_chunk=5))
+    state = create_sharded_state(params, cfg, make_optimizer(OPT, params), mesh)
+    for seed in seeds:
+        state, metrics = step(state, packed_batch(seed))
+    assert float(metrics["loss"]) == pytest.approx(float(want_metrics["loss"]), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(want_metrics["grad_norm"]), rel=1e-5)
+    assert_params_close(host(state.params), host(want.params), atol=1e-5)
 
 
 def test_abstract_state_matches_created_state(model):

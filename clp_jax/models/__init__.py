@@ -17,7 +17,7 @@ _FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bloom)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in _FAMILIES for t in f.MODEL_TYPES)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "Transformer", "TransformerConfig", "apply", "apply_cached", "cache_axes",
-           "family", "init_cache", "init_params", "param_axes", "param_shapes"]
+           "family", "hidden_states", "init_cache", "init_params", "output_layer", "param_axes", "param_shapes"]
 
 
 def family(name: str) -> ModuleType:
@@ -54,6 +54,19 @@ def apply(params: Any, cfg: TransformerConfig, tokens: jax.Array, positions: jax
           segment_ids: jax.Array | None = None) -> jax.Array:
     """Float32 logits [B, T, vocab]; segment id 0 marks padding, equal ids attend within a document."""
     return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids)
+
+
+def hidden_states(params: Any, cfg: TransformerConfig, tokens: jax.Array, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None) -> jax.Array:
+    """The final-normed hidden states [B, T, embed] (compute dtype) that the output layer maps to logits."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions, segment_ids, return_hidden=True)
+
+
+def output_layer(params: Any, cfg: TransformerConfig) -> tuple[jax.Array, bool]:
+    """(output weight in the compute dtype, vocab_major): the tied [vocab, embed] table or lm_head [embed, vocab]."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]["embedding"].astype(cfg.compute_dtype), True
+    return params["lm_head"]["kernel"].astype(cfg.compute_dtype), False
 
 
 def init_cache(cfg: TransformerConfig, batch: int, length: int) -> dict:

@@ -48,6 +48,7 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # stored dtype
     remat: bool = False
+    logits_chunk: int | None = None  # training loss: positions whose logits exist at once (None: all)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:

@@ -31,9 +31,12 @@ from clp_jax.models.layers import (
     param,
     rope_inv_freq,
 )
+from clp_jax.sharding import constrain
 
 Array = jax.Array
 Cache = dict
+# The residual stream's logical axes: batch-sharded, embed replicated where the batch already takes fsdp.
+RESIDUAL_AXES = ("batch", "length", "embed")
 
 
 class Dense(nn.Module):
@@ -153,6 +156,7 @@ class Transformer(nn.Module):
             x = x + _Embed(cfg, rows=cfg.max_position_embeddings, axis=None, name="pos_embed")(positions)
         if cfg.embed_norm:
             x = Norm(cfg, name="embed_norm")(x)
+        x = constrain(x, RESIDUAL_AXES)
         if cache is None:
             key_positions = positions
             mask = attention_mask(segment_ids, positions, cfg.sliding_window)
@@ -169,6 +173,7 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
             x, layer_cache = block(cfg, i, name=f"layers_{i}")(x, positions, mask, bias, layer_cache, cache_index)
+            x = constrain(x, RESIDUAL_AXES)
             layer_caches.append(layer_cache)
         if last_only:
             x = x[:, -1:]

@@ -20,6 +20,8 @@ class ModelSection(ConfigModel):
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights (and optimizer state)
     remat: bool = False
+    # Positions whose [rows, chunk, vocab] float32 logits exist at once in the loss (None: the whole sequence).
+    logits_chunk: int | None = Field(None, ge=1)
 
 
 class EvalSection(ConfigModel):

@@ -83,7 +83,8 @@ def evaluate(params: Any, eval_step: Any, data: Data, mesh: jax.sharding.Mesh, m
 
 def _model_config(cfg: TrainConfig) -> tuple[TransformerConfig, str]:
     stored = read_config(cfg.model.init)
-    model_cfg = stored.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    model_cfg = stored.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                               logits_chunk=cfg.model.logits_chunk)
     return model_cfg, stored.param_dtype
 
 

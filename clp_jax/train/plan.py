@@ -182,7 +182,7 @@ def tpu_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
 def model_config(cfg: TrainConfig) -> TransformerConfig:
     """The architecture of ``model.init`` (its config.json only) with the run's numerics."""
     return read_config(cfg.model.init, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype).replace(
-        remat=cfg.model.remat)
+        remat=cfg.model.remat, logits_chunk=cfg.model.logits_chunk)
 
 
 def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:

@@ -21,29 +21,21 @@ from clp_jax import models
 from clp_jax.errors import ClpError
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
+from clp_jax.train.loss import token_targets, weighted_nll_sum
 from clp_jax.train.optimizer import current_learning_rate
 from clp_jax.train.state import TrainState, state_shardings
 
 Batch = Mapping[str, jax.Array]
 
 
-def token_targets(tokens: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``next_token_targets`` in jnp: targets ``tokens[:, t + 1]`` and float32 weights (same segment, not padding)."""
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    same = (segment_ids[:, :-1] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
-    weights = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1).astype(jnp.float32)
-    return targets, weights
-
-
 def loss_sums(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted next-token nll, sum of weights), float32; the model computes in ``cfg.dtype``."""
-    logits = models.apply(params, cfg, batch["tokens"], batch.get("positions"), batch["segment_ids"])
+    hidden = models.hidden_states(params, cfg, batch["tokens"], batch.get("positions"), batch["segment_ids"])
     targets, weights = token_targets(batch["tokens"], batch["segment_ids"])
     if "loss_weights" in batch:
         weights = weights * batch["loss_weights"].astype(jnp.float32)
-    logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(weights != 0, nll * weights, 0.0)), jnp.sum(weights)
+    w, vocab_major = models.output_layer(params, cfg)
+    return weighted_nll_sum(hidden, w, targets, weights, cfg.logits_chunk, vocab_major), jnp.sum(weights)
 
 
 def loss_fn(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -111,7 +103,8 @@ def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformat
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         check_batch_shape(batch["tokens"].shape, mesh, grad_accum_steps)
-        grads, total, tokens = _grads(state.params, cfg, batch, grad_accum_steps, mesh)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain
+            grads, total, tokens = _grads(state.params, cfg, batch, grad_accum_steps, mesh)
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss, grad_norm = total / denom, optax.global_norm(grads)
@@ -136,5 +129,10 @@ def make_eval_step(cfg: TransformerConfig, mesh: Mesh) -> Callable:
     """Jitted ``(params, batch) -> (loss_sum, tokens)``, float32 scalars, for a token-weighted eval loss."""
     param_shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(lambda params, batch: loss_sums(params, cfg, batch),
-                   in_shardings=(param_shardings, _input_sharding(mesh)), out_shardings=(replicated, replicated))
+
+    def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return loss_sums(params, cfg, batch)
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, _input_sharding(mesh)),
+                   out_shardings=(replicated, replicated))
