@@ -13,6 +13,7 @@ Prints a table to stderr and, last on stdout, one JSON line with `speedup_vs_pyt
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -87,8 +88,7 @@ def time_matmul_floor(cfg: TransformerConfig, batch: int, seq_len: int):
     """Seconds for only the matmuls of one step, all in one jit: no implementation on this XLA can be faster."""
     products = step_matmuls(cfg, batch, seq_len)
     rng = np.random.default_rng(0)
-    operands = [(jax.numpy.asarray(rng.standard_normal(a, np.float32)),
-                 jax.numpy.asarray(rng.standard_normal(b, np.float32))) for a, b, _ in products]
+    operands = [random_operands(rng, a, b) for a, b, _ in products]
     fn = jax.jit(lambda ops: [jax.lax.dot_general(x, y, dims) for (x, y), (_, _, dims) in zip(ops, products)])
     jax.block_until_ready(fn(operands))
 
@@ -100,7 +100,11 @@ def time_matmul_floor(cfg: TransformerConfig, batch: int, seq_len: int):
     return seconds
 
 
-def matmul_kind(lhs: tuple, dims: tuple) -> str:
+def random_operands(rng: np.random.Generator, *shapes: tuple) -> tuple:
+    return tuple(jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in shapes)
+
+
+def matmul_kind(dims: tuple) -> str:
     """'batched', '2d_tn' (contracting the row dim of both operands, as weight gradients do) or '2d_nn_nt'."""
     (lc, _), (lb, _) = dims
     return "batched" if lb else "2d_tn" if lc == (0,) else "2d_nn_nt"
@@ -111,11 +115,8 @@ def matmul_rates(cfg: TransformerConfig, batch: int, seq_len: int, reps: int = 5
     flops: dict[str, float] = {}
     seconds: dict[str, float] = {}
     rng = np.random.default_rng(0)
-    counts: dict[tuple, int] = {}
-    for a, b, dims in step_matmuls(cfg, batch, seq_len):
-        counts[a, b, dims] = counts.get((a, b, dims), 0) + 1
-    for (a, b, dims), n in counts.items():
-        x, y = (jax.numpy.asarray(rng.standard_normal(s, np.float32)) for s in (a, b))
+    for (a, b, dims), n in collections.Counter(step_matmuls(cfg, batch, seq_len)).items():
+        x, y = random_operands(rng, a, b)
         fn = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims))
         out = jax.block_until_ready(fn(x, y))
         best = float("inf")
@@ -123,7 +124,7 @@ def matmul_rates(cfg: TransformerConfig, batch: int, seq_len: int, reps: int = 5
             start = time.perf_counter()
             jax.block_until_ready(fn(x, y))
             best = min(best, time.perf_counter() - start)
-        kind = matmul_kind(a, dims)
+        kind = matmul_kind(dims)
         contracted = int(np.prod([a[i] for i in dims[0][0]]))
         flops[kind] = flops.get(kind, 0.0) + n * 2.0 * out.size * contracted
         seconds[kind] = seconds.get(kind, 0.0) + n * best

@@ -50,6 +50,10 @@ def _chunks(x: Array, chunk: int) -> Array:
     return jnp.moveaxis(x.reshape(b, (t + pad) // chunk, chunk, *x.shape[2:]), 1, 0)
 
 
+def _chunked(chunk: int, *xs: Array) -> tuple[Array, ...]:
+    return tuple(_chunks(x, chunk) for x in xs)
+
+
 def _logits(h: Array, w: Array, vocab_major: bool) -> Array:
     logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"))
@@ -69,8 +73,7 @@ def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int
         nll, _ = _chunk_nll(_logits(h, w, vocab_major), tgt, wt)
         return total + jnp.sum(nll), None
 
-    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunked(chunk, hidden, targets, weights))
     return total
 
 
@@ -90,8 +93,8 @@ def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk:
         dw = constrain(dw, ("vocab", "embed") if vocab_major else ("embed", "vocab"))
         return (total + jnp.sum(nll), dw), constrain(dh.astype(h.dtype), ("batch", "length", "embed"))
 
-    xs = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights, chunk))
-    (total, dw), dh = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32)), xs)
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    (total, dw), dh = jax.lax.scan(body, init, _chunked(chunk, hidden, targets, weights))
     b, t = hidden.shape[:2]
     dh = jnp.moveaxis(dh, 0, 1).reshape(b, -1, hidden.shape[-1])[:, :t]
     return total, (dh, dw.astype(w.dtype))

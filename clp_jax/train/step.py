@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from clp_jax import models
 from clp_jax.errors import ClpError
 from clp_jax.models.config import TransformerConfig
-from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
+from clp_jax.sharding import batch_divisor, batch_sharding, constrain, tree_shardings
 from clp_jax.train.loss import token_targets, weighted_nll_sum
 from clp_jax.train.optimizer import current_learning_rate
 from clp_jax.train.state import TrainState, state_shardings
@@ -57,7 +57,7 @@ def _input_sharding(mesh: Mesh) -> NamedSharding:
     return batch_sharding(mesh, (batch_divisor(mesh), 1))
 
 
-def _grads(params: Any, cfg: TransformerConfig, batch: Batch, accum: int, mesh: Mesh) -> tuple:
+def _grads(params: Any, cfg: TransformerConfig, batch: Batch, accum: int) -> tuple:
     """Summed (not averaged) f32 grads of the weighted nll, its sum and the token count, over ``accum`` micro-batches.
 
     Micro-batch i is rows i::accum, so each device's rows split evenly without moving data between devices.
@@ -66,12 +66,10 @@ def _grads(params: Any, cfg: TransformerConfig, batch: Batch, accum: int, mesh: 
     if accum == 1:
         (total, tokens), grads = grad_sum(params, batch)
         return grads, total, tokens
-    spec = _input_sharding(mesh).spec
-    micro_sharding = NamedSharding(mesh, PartitionSpec(None, *spec))
 
     def split(x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, micro_sharding)
+        return constrain(x, (None, "batch", "length"))
 
     def body(carry: tuple, micro: Batch) -> tuple:
         grads, total, tokens = carry
@@ -104,7 +102,7 @@ def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformat
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         check_batch_shape(batch["tokens"].shape, mesh, grad_accum_steps)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain
-            grads, total, tokens = _grads(state.params, cfg, batch, grad_accum_steps, mesh)
+            grads, total, tokens = _grads(state.params, cfg, batch, grad_accum_steps)
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
         loss, grad_norm = total / denom, optax.global_norm(grads)
