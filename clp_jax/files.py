@@ -1,4 +1,4 @@
-"""Atomic file writes: readers see the old file or the whole new one, never half of it."""
+"""Atomic file writes (readers see the old file or the whole new one, never half of it) and text-file reading."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from clp_jax.errors import ClpError
 
 
 @contextlib.contextmanager
@@ -34,3 +36,20 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """``data`` as indented UTF-8 JSON, atomically."""
     with atomic_open(path) as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file; a missing, empty or undecodable file is a ClpError."""
+    if not os.path.isfile(path):
+        raise ClpError(f"{path}: data file not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ClpError(f"{path}: line {line} is not valid UTF-8") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ClpError(f"{path}: data file is empty (no non-empty lines)")
+    return lines

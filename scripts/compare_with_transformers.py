@@ -78,7 +78,7 @@ def main() -> None:
     tok = load_tokenizer(model_dir)
     cfg = read_config(model_dir)
     seq_len = min(args.seq_len, cfg.max_position_embeddings) if cfg.position == "learned" else args.seq_len
-    docs, skipped = encode_documents(tok, texts, seq_len)
+    docs, _, skipped = encode_documents(tok, texts, seq_len)
     mesh = make_mesh(data=-1)
     cfg, params = load_params(model_dir, mesh, cfg)
     ours = perplexity(params, cfg, mesh, docs, seq_len=seq_len, skipped=skipped).loss

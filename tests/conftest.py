@@ -44,6 +44,39 @@ def train_byte_level_tokenizer(texts, vocab_size=300):
                                    unk_token="<|endoftext|>")
 
 
+def train_sentencepiece_tokenizer(texts, vocab_size=600, bos=True):
+    """A SentencePiece/Llama-style tokenizer: BPE over '▁'-prefixed words (Metaspace), byte fallback for unseen
+    characters (<0x..> tokens, not special), and BOS <s> prepended by a TemplateProcessing post-processor."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return add_bos(out) if bos else out
+
+
+def add_bos(tokenizer):
+    """Make ``tokenizer(text)`` prepend its BOS token (a TemplateProcessing post-processor), in place."""
+    from tokenizers import processors
+
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+    return tokenizer
+
+
 @pytest.fixture(scope="session")
 def en_tokenizer():
     return train_byte_level_tokenizer(make_sentences(WORDS_EN, 400))

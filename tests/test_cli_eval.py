@@ -1,6 +1,7 @@
 """`clp-jax eval` end to end: JSON result line, resolved config saved, clear errors and exit codes."""
 
 import json
+import math
 
 import yaml
 from conftest import WORDS_EN, make_sentences
@@ -15,17 +16,31 @@ def run_cli(argv, capsys):
     return code, out, err
 
 
-def test_eval_prints_json_and_saves_config(en_gpt2_dir, tmp_path, capsys):
+def test_eval_prints_json_and_saves_config(en_gpt2_dir, tmp_path, capsys, en_tokenizer):
     data = tmp_path / "text.txt"
-    data.write_text("\n".join(make_sentences(WORDS_EN, 12, seed=9)) + "\n\n")
+    lines = make_sentences(WORDS_EN, 12, seed=9) + ["The café is small 😀."]
+    data.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
     code, out, err = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size", 3,
                               "--out", tmp_path / "run", "mesh.data=4", "mesh.fsdp=2"], capsys)
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
-    assert {"loss", "ppl", "tokens"} <= set(result) and result["documents"] == 12 and result["tokens"] > 12
+    assert {"loss", "ppl", "tokens", "bits_per_byte", "bytes"} <= set(result)
+    assert result["documents"] == 13 and result["tokens"] > 13
+    # no BOS: the bytes of each line (of its kept tokens' text when truncated) but those of its first token
+    covered = []
+    for t in lines:
+        ids = en_tokenizer(t)["input_ids"]
+        kept = t if len(ids) <= 32 else en_tokenizer.decode(ids[:32])
+        first = en_tokenizer.decode(ids[:1])
+        assert t.startswith(kept) and t.startswith(first)
+        covered.append(len(kept.encode()) - len(first.encode()))
+    assert result["bytes"] == sum(covered) and sum(len(t) for t in lines) > sum(covered)  # some lines truncated
+    expected_bpb = result["loss"] * result["tokens"] / (math.log(2) * result["bytes"])
+    assert abs(result["bits_per_byte"] - expected_bpb) < 1e-9 * expected_bpb
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["batch_size"] == 3 and saved["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
-    assert json.loads((tmp_path / "run" / "eval.json").read_text())["loss"] == result["loss"]
+    saved_result = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved_result["loss"] == result["loss"] and saved_result["bits_per_byte"] == result["bits_per_byte"]
     code, out2, _ = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size", 12],
                             capsys)
     assert abs(json.loads(out2.strip().splitlines()[-1])["loss"] - result["loss"]) < 1e-6

@@ -41,4 +41,5 @@ def test_sft_multitask_run(tmp_path, capsys):
     records = [r for r in read_metrics(str(tmp_path / "sft")) if "loss" in r]
     assert records[-1]["loss"] < records[0]["loss"]
     assert "eval/math-en/loss" in records[-1] and "eval/chat-de/loss" in records[-1]
+    assert all(records[-1][f"eval/{s}/bpb"] > 0 for s in ("math-en", "chat-de"))  # over response bytes
     assert os.path.isdir(tmp_path / "sft" / "hf" / "final")

@@ -1,12 +1,16 @@
-"""Tokenizing sources: ids equal the tokenizer's own per document, and the on-disk cache hits and misses."""
+"""Tokenizing sources: ids equal the tokenizer's own per document, the bytes each token covers, and the on-disk
+cache hits and misses."""
 
 import numpy as np
 import pytest
-from conftest import WORDS_DE, WORDS_EN, make_sentences, train_byte_level_tokenizer
+from conftest import WORDS_DE, WORDS_EN, make_sentences, train_byte_level_tokenizer, train_sentencepiece_tokenizer
 
 from clp_jax.data.sources import Document, SourceConfig, read_source
-from clp_jax.data.tokenize import cache_key, tokenize_source, tokenizer_fingerprint
+from clp_jax.data.tokenize import cache_key, token_bytes, tokenize_source, tokenizer_fingerprint
 from clp_jax.errors import ClpError
+
+MULTIBYTE = ["Déjà vu à la fenêtre, ça coûte 3 €.", "Über die Straße fällt leichter Regen 😀 heute.",
+             "the house is small 😀😀 and green", "naïve café", "", "ß", "😀", "a  b   ", "   "]
 
 
 class CountingTokenizer:
@@ -56,10 +60,11 @@ def test_cache_hit_skips_tokenization_and_gives_identical_arrays(tmp_path, en_so
     assert counting.calls == 4 and not first.stats.from_cache
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
     key = cache_key([d.text for d in en_source.documents], en_tokenizer)
-    assert files == [f"{key}.offsets.npy", f"{key}.tokens.npy"]  # no temp files left behind
+    assert files == [f"{key}.bytes.npy", f"{key}.offsets.npy", f"{key}.tokens.npy"]  # no temp files left behind
     second = tokenize_source(en_source, counting, cache_dir=tmp_path / "cache")
     assert counting.calls == 4 and second.stats.from_cache
     np.testing.assert_array_equal(second.tokens, first.tokens)
+    np.testing.assert_array_equal(second.token_bytes, first.token_bytes)
     np.testing.assert_array_equal(second.offsets, first.offsets)
     assert second.stats.tokens == first.stats.tokens and "(from cache)" in second.summary()
 
@@ -117,3 +122,43 @@ def test_german_source_with_german_tokenizer(tmp_path, de_tokenizer):
     data = read_source(SourceConfig(name="de", path=str(path), language="de"))
     out = tokenize_source(data, de_tokenizer, batch_size=3)
     assert de_tokenizer.decode(out.tokens.tolist()) == "".join(d.text for d in data.documents)
+
+
+def test_token_bytes_rule_on_hand_made_offsets():
+    """Each token covers the bytes from the furthest span end before it to its own end; the last token the rest."""
+    texts = ["h\u00e9llo w\u00f6rld", "\U0001F600x", "ab  ", "ab", "", "\u00e9t\u00e9"]
+    offsets = [[(0, 0), (0, 1), (1, 2), (1, 2), (2, 5), (6, 11)],  # BOS, é as two byte tokens, a trimmed " wörld"
+               [(0, 1), (0, 1), (0, 1), (0, 1), (1, 2)],  # an emoji as four byte-fallback tokens
+               [(0, 1), (1, 2)],  # trailing spaces no span reaches
+               [(0, 1), (1, 2), (0, 0)],  # EOS added by a post-processor
+               [],
+               [(0, 0), (0, 1), (0, 0), (1, 3)]]  # a special token in the middle
+    got = token_bytes(texts, offsets)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, [0, 1, 2, 0, 3, 7, 4, 0, 0, 0, 1, 1, 3, 1, 1, 0, 0, 2, 0, 3])
+    assert got.sum() == sum(len(t.encode()) for t in texts)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_token_bytes_of_a_real_tokenizer_against_decoded_prefixes(kind):
+    """Per document the bytes sum to the text's UTF-8 length, and at every token boundary where the decoded
+    prefix is a prefix of the text (not inside a character), the running sum is that prefix's UTF-8 length.
+
+    Not checked: an empty prefix (a bare '▁' first token, the space Metaspace prepends, shares the first
+    character's span and so covers that character), and texts starting with a space (the decoder strips one)."""
+    corpus = make_sentences(WORDS_EN, 300) + make_sentences(WORDS_DE, 300, seed=1)
+    tok = (train_byte_level_tokenizer(corpus) if kind == "byte-level" else
+           train_sentencepiece_tokenizer(corpus, bos=False))
+    out = tokenize_source(MULTIBYTE, tok)
+    checked = 0
+    for i, text in enumerate(MULTIBYTE):
+        ids, nbytes = out.document(i).tolist(), out.token_bytes[out.offsets[i]:out.offsets[i + 1]]
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        assert nbytes.sum() == (len(text.encode()) if ids else 0) and np.all(nbytes >= 0)
+        running = np.cumsum(nbytes)
+        for k in range(1, len(ids) if not text.startswith(" ") else 0):
+            prefix = tok.decode(ids[:k], clean_up_tokenization_spaces=False)
+            if prefix and text.startswith(prefix):
+                assert running[k - 1] == len(prefix.encode()), (text, k, prefix)
+                checked += 1
+    assert checked > 40, checked

@@ -21,12 +21,12 @@ N = 10
 
 @functools.cache
 def setup(name, tmp_root):
-    """(HF model, cfg, params, prompts, mesh) for a tiny model; llama-gqa-untied runs on a 2x2x2 mesh, the
-    others on one device."""
+    """(HF model, cfg, params, prompts, mesh) for a tiny model; llama-gqa-untied and gemma3 run on a 2x2x2 mesh,
+    the others on one device."""
     hf = make_hf_model(name)
     path = f"{tmp_root}/{name}"
     hf.save_pretrained(path)
-    mesh = make_mesh(data=2, fsdp=2, tensor=2) if name == "llama-gqa-untied" else None
+    mesh = make_mesh(data=2, fsdp=2, tensor=2) if name in ("llama-gqa-untied", "gemma3") else None
     cfg, params = load_params(path, mesh or make_mesh(devices=jax.devices()[:1]), progress=False)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 300, n).tolist() for n in LENGTHS]
@@ -60,7 +60,8 @@ def full_recompute_greedy(cfg, params, prompts, n):
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "llama3-rope", "bloom", "mistral-window"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "llama3-rope", "bloom", "mistral-window",
+                                  "qwen3-tied-window", "gemma3", "gemma3-softcap", "gemma2"])
 def test_kv_cache_greedy_equals_full_recomputation(name, tmp_root):
     _, cfg, params, prompts, _ = setup(name, tmp_root)
     ours = greedy(name, tmp_root)
@@ -68,7 +69,7 @@ def test_kv_cache_greedy_equals_full_recomputation(name, tmp_root):
     assert ours == full_recompute_greedy(cfg, params, prompts, N)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "qwen3-tied-window", "gemma3", "gemma2"])
 def test_greedy_equals_transformers_generate(name, tmp_root):
     hf, _, _, prompts, _ = setup(name, tmp_root)
     eos = hf.generation_config.eos_token_id

@@ -23,7 +23,8 @@ def leaves_equal(a, b):
                                       for x, y in zip(la, lb))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "qwen2", "bloom-6heads"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "qwen2", "bloom-6heads", "qwen3-tied-window",
+                                  "gemma3-softcap", "gemma2"])
 def test_export_loads_in_transformers_with_identical_logits(name, tmp_path, en_tokenizer):
     hf = make_hf_model(name)
     src = tmp_path / "src"
@@ -45,6 +46,28 @@ def test_export_loads_in_transformers_with_identical_logits(name, tmp_path, en_t
         en_tokenizer("the house")["input_ids"]
     cfg2, params2 = load_params(str(out), make_mesh(data=-1), progress=False)
     assert cfg2 == cfg and leaves_equal(params, params2)
+
+
+@pytest.mark.parametrize("name", ["qwen3-gqa-untied", "qwen3-tied-window", "gemma3", "gemma3-softcap", "gemma2"])
+def test_fresh_config_from_ours_describes_the_same_model(name, tmp_path):
+    """Without the source's config.json, ``to_hf`` writes one that transformers builds the same model from."""
+    hf = make_hf_model(name)
+    hf.save_pretrained(tmp_path / "src")
+    cfg, params = load_params(str(tmp_path / "src"), make_mesh(data=-1), progress=False)
+    save_pretrained(str(tmp_path / "out"), params, cfg)
+    assert read_config(str(tmp_path / "out")) == cfg
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is type(hf)
+    ids = np.random.default_rng(1).integers(0, 300, (2, 12))
+    mask = np.ones_like(ids)
+    np.testing.assert_array_equal(torch_logits(reloaded, ids, mask), torch_logits(hf, ids, mask))
+
+
+def test_multimodal_gemma3_config_says_to_use_the_text_model(tmp_path):
+    transformers.Gemma3Config(text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=48,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=8)).save_pretrained(tmp_path)
+    _expect_error(lambda: read_config(str(tmp_path)), "config.json", "'gemma3'", "gemma3_text")
 
 
 def test_bfloat16_checkpoint_keeps_its_dtype_and_round_trips_bit_identical(tmp_path):

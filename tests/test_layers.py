@@ -1,4 +1,4 @@
-"""Attention's hand-written VJP against float64 PyTorch autograd of the textbook formula."""
+"""Attention's hand-written VJP against float64 PyTorch autograd of the textbook formula; norms against HF's."""
 
 from __future__ import annotations
 
@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from clp_jax.models.layers import alibi_slopes, attention_mask, dot_product_attention
+from clp_jax.models.config import TransformerConfig
+from clp_jax.models.layers import Norm, alibi_slopes, attention_mask, dot_product_attention
 
 
-def torch_attention(q, k, v, bias, scale):
-    """softmax(q k^T * scale + bias) v in float64, heads of q grouped onto kv heads as Hugging Face does."""
+def torch_attention(q, k, v, bias, scale, softcap=None):
+    """softmax(cap(q k^T * scale) + bias) v in float64, heads of q grouped onto kv heads as Hugging Face does."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     k = k.repeat_interleave(h // kv, dim=2)
     v = v.repeat_interleave(h // kv, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale + bias
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores + bias
     return torch.einsum("bhts,bshd->bthd", torch.softmax(scores, dim=-1), v)
 
 
@@ -26,6 +30,8 @@ CASES = {
     "gqa_packed_padded": dict(heads=6, kv=2, segments=[[1] * 5 + [2] * 4 + [0] * 3, [1] * 12], alibi=False,
                               window=None),
     "alibi_window": dict(heads=4, kv=1, segments=[[1] * 7 + [0] * 5, [3] * 12], alibi=True, window=4),
+    "softcap_window": dict(heads=4, kv=2, segments=[[1] * 9 + [0] * 3, [1] * 6 + [2] * 6], alibi=False, window=4,
+                           softcap=1.5),
 }
 
 
@@ -50,13 +56,14 @@ def test_attention_value_and_grads_match_float64_autograd(case):
         bias = alibi_slopes(c["heads"])[None, :, None, None] * positions[:, None, None, :].astype(np.float32)
     scale = 8**-0.5
 
+    softcap = c.get("softcap")
     out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(q, k, v, mask, jnp.asarray(bias) if c["alibi"] else None,
-                                                             scale), q, k, v)
+                                                             scale, softcap), q, k, v)
     grads = vjp(jnp.asarray(cotangent))
 
     tq, tk, tv = (torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (q, k, v))
     additive = np.where(np.asarray(mask), bias, -1e30)
-    ref = torch_attention(tq, tk, tv, torch.tensor(additive, dtype=torch.float64), scale)
+    ref = torch_attention(tq, tk, tv, torch.tensor(additive, dtype=torch.float64), scale, softcap)
     ref.backward(torch.tensor(cotangent, dtype=torch.float64))
     np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, (tq.grad, tk.grad, tv.grad)):
@@ -75,3 +82,25 @@ def test_fully_masked_rows_stay_finite_and_get_no_gradient():
     np.testing.assert_array_equal(np.asarray(dq), 0.0)
     np.testing.assert_array_equal(np.asarray(dk), 0.0)
     assert np.isfinite(np.asarray(dv)).all()
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "rmsnorm_plus_one"])
+def test_rmsnorms_match_transformers_in_bfloat16(kind):
+    """Llama/Qwen3 RMSNorm casts before the weight, Gemma's applies (1 + w) in float32: bit-equal to HF in bf16."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.normal(size=(3, 5, 64)) * 3, dtype=torch.bfloat16)
+    ref = (Gemma3RMSNorm if kind == "rmsnorm_plus_one" else Qwen3RMSNorm)(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(rng.normal(size=64) * 0.5))
+        want = ref(x).float().numpy()
+    cfg = TransformerConfig(arch="llama", vocab_size=8, hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1,
+                            head_dim=64, intermediate_size=8, norm=kind, norm_eps=1e-6, norm_bias=False,
+                            activation="silu", gated_mlp=True, position="rope", dtype="bfloat16",
+                            param_dtype="bfloat16")
+    weight = jnp.asarray(ref.weight.detach().float().numpy(), jnp.bfloat16)
+    got = Norm(cfg).apply({"params": {"scale": weight}}, jnp.asarray(x.float().numpy(), jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)

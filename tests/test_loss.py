@@ -11,15 +11,20 @@ from clp_jax.train.loss import token_targets, weighted_nll_sum
 B, T, E, V = 3, 7, 8, 11
 
 
-def oracle(h, w, targets, weights, vocab_major):
-    """(sum of weighted nll, d/dh, d/dw) in float64 from the closed form d/dlogits = weight * (softmax - onehot)."""
+def oracle(h, w, targets, weights, vocab_major, cap=None):
+    """(sum of weighted nll, d/dh, d/dw) in float64 from the closed form d/dlogits = weight * (softmax - onehot),
+    through logits -> cap * tanh(logits / cap) when ``cap`` is given."""
     h, w, weights = (np.asarray(x, np.float64) for x in (h, w, weights))
     wv = w if vocab_major else w.T  # [V, E]
     logits = h @ wv.T
+    if cap is not None:
+        logits = cap * np.tanh(logits / cap)
     lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     total = float(((lse - picked) * weights).sum())
     g = (np.exp(logits - lse[..., None]) - np.eye(V)[targets]) * weights[..., None]
+    if cap is not None:
+        g = g * (1 - np.tanh(h @ wv.T / cap) ** 2)
     dh = g @ wv
     dwv = np.einsum("btv,bte->ve", g, h)
     return total, dh, dwv if vocab_major else dwv.T
@@ -48,6 +53,19 @@ def test_value_and_gradients_match_float64(chunk, vocab_major):
     # Without a gradient, only the nll is computed: same value.
     assert float(jax.jit(lambda h, w: weighted_nll_sum(h, w, targets, weights, chunk, vocab_major))(h, w)) == \
         pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_soft_capped_logits_value_and_gradients_match_float64(chunk):
+    h, w, targets, weights = inputs(2, False)
+    fn = jax.jit(jax.value_and_grad(lambda h, w: weighted_nll_sum(h, w, targets, weights, chunk, False, 1.5),
+                                    argnums=(0, 1)))
+    total, (dh, dw) = fn(h, w)
+    want, want_dh, want_dw = oracle(h, w, targets, weights, False, cap=1.5)
+    assert float(total) == pytest.approx(want, rel=1e-5)
+    np.testing.assert_allclose(dh, want_dh, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dw, want_dw, atol=1e-5, rtol=1e-5)
+    assert abs(want - oracle(h, w, targets, weights, False)[0]) > 1.0  # the cap matters here
 
 
 def test_cotangent_scales_the_stored_gradients():

@@ -71,13 +71,28 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     assert np.max(np.abs(f32 - bf16)) < 0.1 and not np.array_equal(f32, bf16)
 
 
-def test_param_count_and_axes_cover_every_parameter():
-    hf = make_hf_model("llama-gqa-untied")
-    from clp_jax.hf.reader import read_config  # noqa: F401  (config path covered in test_hf)
-    cfg = models.family("llama").from_hf(hf.config)
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "qwen3-tied-window", "gemma3-softcap", "gemma2"])
+def test_param_count_and_axes_cover_every_parameter(name):
+    hf = make_hf_model(name)
+    cfg = models.family(hf.config.model_type).from_hf(hf.config)
     params = models.init_params(cfg, jax.random.key(0))
     n_ours = sum(x.size for x in jax.tree.leaves(params))
     assert n_ours == cfg.num_params() == sum(p.numel() for p in hf.parameters())
     axes = models.param_axes(cfg)
     for a, p in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(params)):
         assert len(a) == p.ndim
+
+
+def test_existing_families_keep_their_parameter_trees():
+    """Gemma's and Qwen3's extra norms exist only where the config asks for them."""
+    for name, extra in (("llama-tied", set()), ("qwen3-gqa-untied", {"q_norm", "k_norm"})):
+        cfg = models.family(make_hf_model(name).config.model_type).from_hf(make_hf_model(name).config)
+        layer = models.param_shapes(cfg)["layers_0"]
+        assert set(layer) == {"attn_norm", "attn", "mlp_norm", "mlp"}
+        assert set(layer["attn"]) == {"q", "k", "v", "o"} | extra
+    cfg = models.family("gemma3_text").from_hf(make_hf_model("gemma3").config)
+    layer = models.param_shapes(cfg)["layers_0"]
+    assert set(layer) == {"attn_norm", "attn", "attn_post_norm", "mlp_norm", "mlp", "mlp_post_norm"}
+    assert layer["attn"]["q_norm"]["scale"].shape == (cfg.head_dim,)
+    assert [cfg.layer_window(i) for i in range(4)] == [4, None, 4, None]
+    assert [cfg.layer_rope(i)[0] for i in range(4)] == [100.0, 100000.0, 100.0, 100000.0]

@@ -132,3 +132,32 @@ def test_packing_is_deterministic_and_fast():
     for a, b in zip(packed.as_dict().values(), again.as_dict().values()):
         np.testing.assert_array_equal(a, b)
     assert np.mean(packed.segment_ids > 0) > 0.97  # short documents waste little padding
+
+
+@pytest.mark.parametrize("seq_len", [8, 64])
+def test_token_bytes_travel_with_their_tokens(seq_len):
+    """`bytes` holds each token's count at its packed slot (EOS and padding 0); the targets the loss weights
+    select carry the bytes of every token but each piece's first, summed here against a per-document oracle."""
+    tokens, offsets = random_documents(60, 30, seed=5)
+    nbytes = np.random.default_rng(6).integers(0, 5, size=len(tokens)).astype(np.int32)
+    packed = pack_documents(tokens, offsets, seq_len, eos_id=EOS, pad_id=PAD, token_bytes=nbytes)
+    plain = pack_documents(tokens, offsets, seq_len, eos_id=EOS, pad_id=PAD)
+    assert "bytes" not in plain.as_dict() and packed.as_dict()["bytes"] is packed.bytes
+    for a, b in zip(plain.as_dict().values(), packed.as_dict().values()):
+        np.testing.assert_array_equal(a, b)  # the same rows, bytes beside them
+    assert packed.bytes.dtype == np.int32 and packed.bytes.shape == packed.tokens.shape
+    stream_tokens, stream_bytes = [], []
+    for r, s, toks, _ in pieces(packed):
+        stream_tokens += toks.tolist()
+        stream_bytes += packed.bytes[r][packed.segment_ids[r] == s].tolist()
+    eos_at = offsets[1:] + np.arange(len(offsets) - 1)
+    expected = np.insert(nbytes, offsets[1:], 0)  # EOS after each document covers nothing
+    np.testing.assert_array_equal(stream_bytes, expected)
+    np.testing.assert_array_equal(np.asarray(stream_tokens)[eos_at], EOS)
+    assert np.all(packed.bytes[packed.segment_ids == 0] == 0)
+    _, weights = next_token_targets(packed.tokens, packed.segment_ids)
+    covered = (weights[:, :-1] * packed.bytes[:, 1:]).sum()
+    firsts = sum(int(packed.bytes[r][packed.segment_ids[r] == s][0]) for r, s, _, _ in pieces(packed))
+    assert covered == nbytes.sum() - firsts
+    if seq_len == 64:  # no document is split: the first tokens not predicted are the documents' own
+        assert covered == sum(int(nbytes[a + 1:b].sum()) for a, b in zip(offsets[:-1], offsets[1:]))

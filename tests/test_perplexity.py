@@ -1,9 +1,18 @@
-"""Perplexity against transformers' PyTorch loss, per document, in float64."""
+"""Perplexity and bits per byte against transformers' PyTorch loss and the texts' UTF-8 bytes, in float64."""
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS_EN, make_sentences
+from conftest import (
+    WORDS_DE,
+    WORDS_EN,
+    add_bos,
+    make_sentences,
+    train_byte_level_tokenizer,
+    train_sentencepiece_tokenizer,
+)
 from hf_models import make_hf_model
 
 from clp_jax.eval.perplexity import encode_documents, perplexity
@@ -28,7 +37,7 @@ def test_loss_matches_pytorch_and_ignores_batching(name, tmp_path, en_tokenizer)
     hf = make_hf_model(name, vocab_size=len(en_tokenizer))
     hf.save_pretrained(tmp_path)
     texts = make_sentences(WORDS_EN, 23, seed=5) + ["", "   ", "a"]
-    docs, skipped = encode_documents(en_tokenizer, texts, seq_len=16)
+    docs, _, skipped = encode_documents(en_tokenizer, texts, seq_len=16)
     assert skipped == 1 and len(docs) == 23 and max(len(d) for d in docs) == 16
     ref_loss, ref_tokens = torch_reference(hf, docs)
     results = []
@@ -44,6 +53,60 @@ def test_loss_matches_pytorch_and_ignores_batching(name, tmp_path, en_tokenizer)
 
 
 def test_encode_documents_uses_tokenizer_defaults(en_tokenizer):
-    docs, skipped = encode_documents(en_tokenizer, ["the house is small", "x"], seq_len=1024)
+    docs, covered, skipped = encode_documents(en_tokenizer, ["the house is small", "x"], seq_len=1024)
     assert skipped == 1
     assert docs[0].tolist() == en_tokenizer("the house is small")["input_ids"]
+    first = en_tokenizer.decode(docs[0][:1])  # no BOS: the first token's text is not predicted
+    assert covered.tolist() == [len("the house is small") - len(first)]
+
+
+MULTIBYTE = ["Déjà vu à la fenêtre, ça coûte 3 €.", "Der Regen fällt über die Straße 😀 heute.",
+             "The house is small 😀😀 and green.", "The naïve café au lait.", "Das Kind liest ein Buch über Bäume."]
+
+
+def covered_bytes_oracle(tokenizer, text, seq_len, bos):
+    """UTF-8 bytes of the text predicted tokens 1..n-1 cover, from the raw text (untruncated) or the decoded
+    kept tokens (truncated; the cut must fall between characters), less the first token's text without BOS."""
+    ids = tokenizer(text)["input_ids"]
+    assert (ids[0] == tokenizer.bos_token_id) == bos
+    kept = ids[:seq_len]
+    decode = lambda x: tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)  # noqa: E731
+    prefix = text if len(ids) <= seq_len else decode(kept)
+    assert text.startswith(prefix) and prefix, (text, prefix)
+    first = "" if bos else decode(kept[:1])
+    assert first == text[:len(first)] and (bos or first), (text, first)  # a whole first token, not a bare '▁'
+    return len(prefix.encode()) - len(first.encode())
+
+
+@pytest.mark.parametrize("kind,bos", [("byte-level", False), ("byte-level", True), ("sentencepiece", True),
+                                      ("sentencepiece", False)])
+def test_bits_per_byte_matches_pytorch_and_raw_utf8_bytes(kind, bos, tmp_path):
+    """bpb = summed PyTorch next-token loss / (ln 2 x bytes the predicted tokens cover), for byte-level BPE and a
+    SentencePiece-style tokenizer (byte fallback), with and without BOS, accents and emoji, and truncation."""
+    corpus = make_sentences(WORDS_EN, 300) + make_sentences(WORDS_DE, 300, seed=1)
+    if kind == "byte-level":
+        tok, model = train_byte_level_tokenizer(corpus, vocab_size=600), "gpt2"
+        tok = add_bos(tok) if bos else tok
+    else:
+        tok, model = train_sentencepiece_tokenizer(corpus, bos=bos), "llama-tied"
+    hf = make_hf_model(model, vocab_size=len(tok))
+    hf.save_pretrained(tmp_path)
+    seq_len = 48
+    long = [f"{MULTIBYTE[s]} {' '.join(make_sentences(WORDS_EN, 9, seed=s))} Fenêtre 😀 über." for s in range(3)]
+    texts = MULTIBYTE + make_sentences(WORDS_DE, 5, seed=8) + long
+    docs, covered, skipped = encode_documents(tok, texts, seq_len=seq_len)
+    assert skipped == 0 and len(docs) == len(texts)
+    assert sum(len(tok(t)["input_ids"]) > seq_len for t in texts) == len(long)  # the long ones are truncated
+    oracle = [covered_bytes_oracle(tok, t, seq_len, bos) for t in texts]
+    assert covered.tolist() == oracle
+    if bos:  # untruncated with BOS: all the text's bytes
+        assert oracle[:len(MULTIBYTE)] == [len(t.encode()) for t in MULTIBYTE]
+    loss, count = torch_reference(hf, docs)
+    mesh = make_mesh(data=-1)
+    cfg, params = load_params(str(tmp_path), mesh, progress=False)
+    r = perplexity(params, cfg, mesh, docs, batch_size=5, seq_len=seq_len, covered_bytes=covered, progress=False)
+    assert r.bytes == sum(oracle) and r.tokens == count
+    ref_bpb = loss * count / (math.log(2) * sum(oracle))
+    assert abs(r.bits_per_byte - ref_bpb) / ref_bpb < 1e-5
+    assert r.to_dict()["bits_per_byte"] == r.bits_per_byte
+    assert perplexity(params, cfg, mesh, docs, seq_len=seq_len, progress=False).bits_per_byte is None

@@ -5,7 +5,7 @@ import pytest
 from conftest import WORDS_EN, make_sentences, train_byte_level_tokenizer
 
 from clp_jax.data.packing import next_token_targets
-from clp_jax.data.sft import format_example, format_examples, sft_batch, truncate_example
+from clp_jax.data.sft import format_example, format_examples, response_bytes, sft_batch, truncate_example
 from clp_jax.errors import ClpError
 
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
@@ -101,3 +101,27 @@ def test_errors(en_tokenizer):
         format_example(broken, "q", "a")
     assert format_examples(en_tokenizer, []) == []
     assert sft_batch([], seq_len=8, pad_id=0)["tokens"].shape == (0, 8)
+
+
+@pytest.mark.parametrize("use_template", [False, True])
+@pytest.mark.parametrize("pack", [False, True])
+def test_response_bytes_cover_exactly_the_response_text(en_tokenizer, chat_tokenizer, use_template, pack):
+    """The bytes the weighted targets carry sum to the UTF-8 length of each response's text (with the template's
+    end-of-turn text; EOS covers nothing), also for accents and emoji, and only kept tokens count when truncated."""
+    tok = chat_tokenizer if use_template else en_tokenizer
+    pairs = PAIRS + [("the garden", "Déjà vu, ça coûte 3 € 😀"), ("der fluss", "Über die Straße fällt Regen")]
+    examples = format_examples(tok, pairs)
+    nbytes = response_bytes(tok, pairs)
+    assert [len(b) for b in nbytes] == [len(r) for _, r in examples] and all(b.dtype == np.int32 for b in nbytes)
+    batch = sft_batch(examples, seq_len=64, pad_id=0, pack=pack, response_bytes=nbytes)
+    assert batch["bytes"].dtype == np.int32 and batch["bytes"].shape == batch["tokens"].shape
+    end = "<|end|>\n" if use_template else ""
+    expected = sum(len((r + end).encode()) for _, r in pairs)
+    assert (batch["loss_weights"][:, :-1] * batch["bytes"][:, 1:]).sum() == expected
+    assert batch["bytes"].sum() == expected  # prompt tokens and padding carry none
+    one = sft_batch(examples[1:2], seq_len=5, pad_id=0, response_bytes=nbytes[1:2])  # 1 prompt + 4 response tokens
+    kept = tok.decode(examples[1][1][:4])
+    assert "\ufffd" not in kept and kept.strip()
+    assert (one["loss_weights"][:, :-1] * one["bytes"][:, 1:]).sum() == len(kept.encode())
+    with pytest.raises(ValueError, match="response_bytes"):
+        sft_batch(examples, seq_len=64, pad_id=0, response_bytes=nbytes[:-1])

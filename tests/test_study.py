@@ -55,6 +55,7 @@ def test_tiny_study_runs_resumes_and_plots(tmp_path, capsys):
     assert len(rows) == 2 * 3  # 2 cells x (en, de, fr)
     assert {r["language"] for r in rows} == {"en", "de", "fr"}
     assert all(float(r["response_loss"]) > 0 and 0 <= float(r["exact_match"]) <= 100 for r in rows)
+    assert all(float(r["response_bpb"]) > 0 for r in rows)
     seen = {(r["n"], r["language"]): r["seen"] for r in rows}
     assert seen[("12", "de")] == "True" and seen[("12", "fr")] == "False" and seen[("0", "de")] == "False"
     assert main(["study", "clt", "--config", str(tmp_path / "study.yaml")]) == 0  # resume: nothing retrained

@@ -1,17 +1,20 @@
 """`clp-jax train`: an end-to-end run, exact resume after SIGKILL and SIGTERM, NaN handling, mesh errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 import transformers
 from safetensors.numpy import load_file
 from train_setup import make_train_config
 
 from clp_jax.cli.main import main
+from clp_jax.data.pipeline import holdout_mask
 from clp_jax.train.metrics import read_metrics
 
 TESTS = os.path.dirname(__file__)
@@ -57,6 +60,62 @@ def test_run_writes_metrics_eval_checkpoints_and_export(uninterrupted):
     assert set(final) == set(init) and not np.array_equal(final["transformer.h.0.mlp.c_fc.weight"],
                                                            init["transformer.h.0.mlp.c_fc.weight"])
     assert model.config.vocab_size == init["transformer.wte.weight"].shape[0]
+
+
+def tensorboard_tags(run_dir):
+    """Scalar tags in a run's TensorBoard event files (records framed as length, crc, Event, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for name in os.listdir(os.path.join(run_dir, "tensorboard")):
+        with open(os.path.join(run_dir, "tensorboard", name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos < len(data):
+            n = int.from_bytes(data[pos:pos + 8], "little")
+            tags |= {v.tag for v in event_pb2.Event.FromString(data[pos + 12:pos + 12 + n]).summary.value}
+            pos += 12 + n + 4
+    return tags
+
+
+def torch_held_out(model_dir, root, lang):
+    """PyTorch's (loss, bpb) on the 16 held-out documents of root/<lang>.txt, each + EOS as packed (no BOS)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    texts = [t for t in (root / f"{lang}.txt").read_text(encoding="utf-8").splitlines() if t.strip()]
+    held = [t for t, h in zip(texts, holdout_mask(texts, 16)) if h]
+    nll, tokens, covered = 0.0, 0, 0
+    for text in held:
+        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert len(ids) <= 64  # one segment of one row
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.double().item()
+        nll, tokens = nll + loss * (len(ids) - 1), tokens + len(ids) - 1
+        first = tok.decode(ids[:1])
+        assert text.startswith(first) and first
+        covered += len(text.encode()) - len(first.encode())
+    assert len(held) == 16 and covered < sum(len(t.encode()) for t in held)
+    return nll / tokens, nll / (math.log(2) * covered)
+
+
+def test_eval_bits_per_byte_matches_pytorch_on_the_held_out_documents(tmp_path):
+    """eval/<source>/bpb at step 0 (eval.at_start, the initial weights) and at the last step = PyTorch's summed
+    loss on each held-out document + EOS (as packed, no BOS; rows of 64 split none) / (ln 2 x the document's
+    UTF-8 bytes less its first token's), over all of them."""
+    config = make_train_config(tmp_path, steps=2, **{"data.seq_len": 64, "optimizer.warmup_steps": 1,
+                                                     "eval.every_steps": 2, "eval.max_batches": None,
+                                                     "eval.at_start": True, "checkpoint.every_steps": 2})
+    assert main(["train", "--config", config]) == 0
+    run = tmp_path / "run"
+    start, last = [r for r in read_metrics(str(run)) if "eval/en/bpb" in r]
+    assert (start["step"], last["step"]) == (0, 2) and "loss" not in start  # step 0: no update, no train loss
+    for record, weights in ((start, tmp_path / "model"), (last, run / "hf" / "final")):  # the weights each saw
+        for lang in ("en", "de"):
+            loss, bpb = torch_held_out(weights, tmp_path, lang)
+            assert record[f"eval/{lang}/loss"] == pytest.approx(loss, rel=2e-5)
+            assert record[f"eval/{lang}/bpb"] == pytest.approx(bpb, rel=2e-5)
+    assert start["eval/en/loss"] != last["eval/en/loss"]
+    assert {"eval/en/loss", "eval/en/bpb", "eval/de/bpb"} <= tensorboard_tags(str(run))
 
 
 @pytest.mark.parametrize("signal_name,at_step", [("SIGKILL", 10), ("SIGTERM", 6)])

@@ -117,8 +117,22 @@ def test_loss_matches_transformers(model):
     assert float(aux["tokens"]) == (batch["segment_ids"].sum(1) - 1).sum()
 
 
+def test_soft_capped_loss_matches_transformers(tmp_path):
+    """Gemma 2's final logit soft-cap reaches the fused training loss."""
+    hf = make_hf_model("gemma2")
+    hf.save_pretrained(tmp_path)
+    cfg, params = load_params(str(tmp_path), one_device(), progress=False)
+    assert cfg.final_softcap is not None
+    batch = padded_batch(1)
+    loss, _ = jax.jit(lambda p, b: loss_fn(p, cfg, b))(params, batch)
+    with torch.no_grad():
+        ref = float(torch_loss(hf, batch))
+    assert float(loss) == pytest.approx(ref, abs=1e-5)
+
+
 def test_weighted_loss_and_eval_step_match_float64(model):
-    """Packed segments and SFT loss_weights against float64 numpy, on a (2, 2, 2) mesh."""
+    """Packed segments and SFT loss_weights against float64 numpy, on a (2, 2, 2) mesh; with ``bytes``, the eval
+    step also sums the weighted bytes of the targets (token t + 1)."""
     cfg, params, _ = model
     batch = packed_batch(2)
     batch["loss_weights"] = np.random.default_rng(3).uniform(0, 2, size=(ROWS, T)).astype(np.float32)
@@ -130,9 +144,15 @@ def test_weighted_loss_and_eval_step_match_float64(model):
     nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     mesh = make_mesh(2, 2, 2)
     state = create_sharded_state(params, cfg, optax.sgd(0.0), mesh)
-    loss_sum, tokens = make_eval_step(cfg, mesh)(state.params, batch)
-    assert float(tokens) == pytest.approx(weights.sum(), rel=1e-6)
-    assert float(loss_sum) == pytest.approx((nll * weights).sum(), rel=1e-5)
+    eval_step = make_eval_step(cfg, mesh)
+    sums = eval_step(state.params, batch)
+    assert float(sums["tokens"]) == pytest.approx(weights.sum(), rel=1e-6)
+    assert float(sums["loss_sum"]) == pytest.approx((nll * weights).sum(), rel=1e-5)
+    assert float(sums["bytes"]) == 0.0  # no bytes in the batch
+    batch["bytes"] = np.random.default_rng(4).integers(0, 5, size=(ROWS, T)).astype(np.int32)
+    with_bytes = eval_step(state.params, batch)
+    assert float(with_bytes["bytes"]) == pytest.approx((weights[:, :-1] * batch["bytes"][:, 1:]).sum(), rel=1e-6)
+    assert float(with_bytes["loss_sum"]) == float(sums["loss_sum"])
 
 
 def test_adamw_steps_match_torch(model, steps, tmp_path):
@@ -321,3 +341,9 @@ def test_flops_count_matmul_weights(model, tied):
     assert matmul_params(cfg) == n
     assert train_step_flops(cfg, 1000, T) == 1000 * (6 * n + 12 * cfg.num_layers * cfg.hidden_size * T)
     assert decay_mask(models.param_shapes(cfg))["embed"]["embedding"]
+
+
+def test_flops_count_attention_over_sliding_windows(model):
+    cfg = model[0].replace(num_layers=3, sliding_window=4, sliding_layers=(True, False, True))
+    attention = 12 * cfg.hidden_size * (4 + T + 4)
+    assert train_step_flops(cfg, 1000, T) == 1000 * (6 * matmul_params(cfg) + attention)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from clp_jax.transfer.align import (
     VocabAlignment,
     align_vocabularies,
     canonical_token,
+    fvt_pieces,
     tokenizer_style,
 )
 
@@ -338,3 +340,58 @@ def test_report_is_json_with_counts(toks):
     assert report["source_vocab_size"] == len(toks["bl_en"])
     assert report["mode"] == "canonical" and report["target_style"] == "sentencepiece"
     assert report["special"]["eos"]["source_token"] == "<|endoftext|>"
+
+
+def test_fvt_pieces_encode_each_target_text_with_the_source_tokenizer():
+    """Byte-level source, SentencePiece target: '▁' becomes a space, <0xNN> the source's byte token."""
+    source, target = byte_level(ENGLISH_TEXT), sentencepiece_bpe(GERMAN_TEXT)
+    vocab = len(target) + 2  # rows past the tokenizer (a padded helper embedding) get no pieces
+    pieces = fvt_pieces(source, target, vocab)
+    assert pieces.shape[0] == vocab and (pieces[len(target):] == -1).all()
+
+    def row(token):
+        ids = pieces[target.convert_tokens_to_ids(token)]
+        return ids[ids >= 0].tolist()
+
+    checked = 0
+    for token, i in target.get_vocab().items():
+        if i in target.all_special_ids:
+            assert row(token) == []
+        elif not re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            assert row(token) == source.encode(token.replace("\u2581", " "), add_special_tokens=False), token
+            checked += 1
+    assert checked > 50
+    for char in "üößä":  # two bytes each, unseen in English: the source spells them byte by byte
+        first, second = (f"<0x{b:02X}>" for b in char.encode())
+        assert row(first) + row(second) == source.encode(char, add_special_tokens=False)
+    assert row("<0x41>") == source.encode("A", add_special_tokens=False)
+    a = align_vocabularies(source, target)
+    skipped = fvt_pieces(source, target, vocab, skip=a.target_ids)
+    assert (skipped[a.target_ids] == -1).all()
+    missing = np.setdiff1d(np.arange(vocab), a.target_ids)
+    np.testing.assert_array_equal(skipped[missing, : pieces.shape[1]], pieces[missing])
+
+
+def test_fvt_pieces_drop_a_sentencepiece_source_dummy_prefix():
+    """SentencePiece source: a word-internal target token must not gain the tokenizer's leading '▁' piece."""
+    source, target = sentencepiece_bpe(ENGLISH_TEXT), byte_level(GERMAN_TEXT)
+    pieces = fvt_pieces(source, target, len(target))
+
+    def spelled(ids):
+        out = b""
+        for token in source.convert_ids_to_tokens(ids):
+            byte = re.fullmatch(r"<0x([0-9A-F]{2})>", token)
+            out += bytes([int(byte.group(1), 16)]) if byte else token.replace("\u2581", " ").encode()
+        return out
+
+    checked = 0
+    for token, i in target.get_vocab().items():
+        if i in target.all_special_ids:
+            continue
+        text = target.backend_tokenizer.decoder.decode([token]).encode()
+        if "\ufffd" in text.decode():
+            continue
+        got = spelled(pieces[i][pieces[i] >= 0].tolist())
+        assert got == text, token
+        checked += 1
+    assert checked > 200

@@ -166,3 +166,75 @@ def test_cross_style_transfer_uses_canonical_matching(dirs, tmp_path, capsys, en
     np.testing.assert_array_equal(got[a.target_ids], src[a.source_ids])
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok("das haus")["input_ids"] == sp("das haus")["input_ids"]
+
+
+def triple(stats):
+    return [stats["min"], stats["mean"], stats["max"]]
+
+
+def norm_stats(rows):
+    norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+    return [norms.min(), norms.mean(), norms.max()]
+
+
+def test_fvt_needs_no_helper_model_and_follows_the_source_tokenizer(dirs, tmp_path, capsys, en_tokenizer,
+                                                                    de_tokenizer):
+    """FVT from a tokenizer-only target dir: each missing token = mean of its text's source-token rows."""
+    de_tokenizer.save_pretrained(tmp_path / "de-tok")
+    out = tmp_path / "out"
+    code, _, err = transfer(["--source", dirs / "gpt2-src", "--helper-tokenizer", tmp_path / "de-tok", "--out", out,
+                             "--strategy", "fvt"], capsys)
+    assert code == 0, err
+    src = load_file(str(dirs / "gpt2-src" / "model.safetensors"))["transformer.wte.weight"]
+    got = load_file(str(out / "model.safetensors"))["transformer.wte.weight"].astype(np.float64)
+    a = align_vocabularies(en_tokenizer, de_tokenizer)
+    missing = np.setdiff1d(np.arange(len(de_tokenizer)), a.target_ids)
+    checked = 0
+    for i in missing:
+        text = de_tokenizer.backend_tokenizer.decoder.decode([de_tokenizer.convert_ids_to_tokens(int(i))])
+        if "\ufffd" in text:
+            continue  # part of a character: test_transfer_align checks the single-byte pieces
+        ids = en_tokenizer(text, add_special_tokens=False)["input_ids"]
+        np.testing.assert_allclose(got[i], src[ids].astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-7)
+        checked += 1
+    assert checked > 0.9 * len(missing)
+    np.testing.assert_array_equal(got[a.target_ids], src[a.source_ids])
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["strategy"] == "fvt" and report["helper"] is None
+    assert report["options"]["max_norm_factor"] == 1.5 and report["options"]["match_norms"] is False
+    assert report["options"]["max_pieces"] >= 2 and report["degenerate_rows"] == 0
+    assert report["ill_conditioned"]["counts"] == {"zero_helper": 0, "cos_sum": 0, "no_pieces": 0, "norm": 0}
+    assert report["row_norms"]["matrices"] == ["embed/embedding"]
+    np.testing.assert_allclose(triple(report["row_norms"]["source"][0]), norm_stats(src), rtol=1e-5)
+    np.testing.assert_allclose(triple(report["row_norms"]["computed"][0]), norm_stats(got[missing]),
+                               rtol=1e-5)
+
+
+def test_omp_options_reach_the_transfer_and_the_report(dirs, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = transfer(["--source", dirs / "llama-src", "--helper", dirs / "helper", "--out", out,
+                             "--strategy", "omp", "omp_k=4", "center_helper=true", "match_norms=true",
+                             "max_norm_factor=3"], capsys)
+    assert code == 0, err
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model.get_input_embeddings().weight).all()
+    report = json.loads((out / "transfer_report.json").read_text())
+    options = report["options"]
+    assert (options["omp_k"], options["center_helper"], options["match_norms"], options["max_norm_factor"]) == (
+        4, True, True, 3.0)
+    assert report["row_norms"]["matrices"] == ["embed/embedding", "lm_head/kernel"]
+    assert sum(report["ill_conditioned"]["counts"].values()) == report["degenerate_rows"]
+    src = load_file(str(dirs / "llama-src" / "model.safetensors"))
+    a = align_vocabularies(*(transformers.AutoTokenizer.from_pretrained(d) for d in (dirs / "llama-src",
+                                                                                       dirs / "helper")))
+    for key, computed in zip(("model.embed_tokens.weight", "lm_head.weight"), report["row_norms"]["computed"]):
+        shared_mean = np.linalg.norm(src[key][a.source_ids].astype(np.float64), axis=1).mean()
+        np.testing.assert_allclose([computed["min"], computed["max"]], [shared_mean] * 2, rtol=1e-4)
+
+
+def test_helper_strategies_refuse_to_run_without_a_helper(dirs, tmp_path, capsys):
+    for argv, fragment in ((["--strategy", "omp", "--helper-tokenizer", dirs / "helper"], "needs --helper"),
+                           (["--strategy", "fvt"], "no target tokenizer")):
+        code, out, err = transfer(["--source", dirs / "gpt2-src", "--out", tmp_path / "o", *argv], capsys)
+        assert code == 2 and fragment in err.strip().splitlines()[-1] and out == "", err
+    assert not (tmp_path / "o").exists()

@@ -22,7 +22,6 @@ import jax
 
 from clp_jax import models
 from clp_jax.cli.common import print_result
-from clp_jax.cli.transfer_cmd import TransferConfig, transfer
 from clp_jax.data.demo_corpus import demo_texts
 from clp_jax.data.demo_files import write_demo_corpus
 from clp_jax.data.pipeline import DataConfig
@@ -37,6 +36,7 @@ from clp_jax.train.config import EvalSection, ModelSection, TrainConfig
 from clp_jax.train.loop import Trainer
 from clp_jax.train.metrics import read_metrics
 from clp_jax.train.optimizer import OptimizerConfig
+from clp_jax.transfer.run import TransferConfig, run_transfer
 
 STRATEGIES = ("clp", "from-scratch", "random", "overlap")
 
@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
         target_dir = os.path.join(out, "models", f"{tgt}-{strategy}")
         if not os.path.isdir(target_dir):
             _say(f"clp-jax transfer --strategy {strategy}")
-            transfers[strategy] = transfer(TransferConfig(source=source_model, helper=helper_model, out=target_dir,
-                                                          strategy=strategy))
+            transfers[strategy] = run_transfer(TransferConfig(source=source_model, helper=helper_model,
+                                                              out=target_dir, strategy=strategy))
         _say(f"continued pretraining on {tgt} from the {strategy} initialization ({steps} steps)")
         run_dir = os.path.join(out, "runs", f"{tgt}-{strategy}")
         _train(run_dir, target_dir, tgt_source, steps, 1e-3, eval_every)

@@ -1,4 +1,4 @@
-"""`clp-jax eval`: perplexity of a Hugging Face model dir on a text file (one document per line)."""
+"""`clp-jax eval`: perplexity and bits per byte of a Hugging Face model dir on a text file (one document per line)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,9 @@ from typing import Literal
 
 import pydantic
 
-from clp_jax.cli.common import add_config_args, print_result, read_lines, resolve_config
+from clp_jax.cli.common import add_config_args, print_result, resolve_config
 from clp_jax.config import ConfigModel, save_config
-from clp_jax.errors import ClpError
-from clp_jax.eval.perplexity import encode_documents, perplexity
-from clp_jax.hf.reader import load_params, read_config
-from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
+from clp_jax.eval.perplexity import evaluate_model_dir
 from clp_jax.hf.writer import atomic_dir
 from clp_jax.sharding import MeshConfig, mesh_from_config
 
@@ -38,7 +35,10 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
         description="Perplexity of a Hugging Face model dir on a text file. Each non-empty line is one document, "
                     "encoded with the model's tokenizer defaults, truncated to --seq-len tokens and never packed "
                     "with another; documents under 2 tokens are skipped. The last stdout line is JSON with loss "
-                    "(mean next-token cross-entropy in nats over all predicted tokens), ppl and tokens.")
+                    "(mean next-token cross-entropy in nats over all predicted tokens), ppl, tokens, bytes (UTF-8 "
+                    "bytes of the text the predicted tokens cover: from the end of the first token's span, BOS's "
+                    "being empty, to the end of the last token's, or of the text when not truncated) and "
+                    "bits_per_byte (summed loss / (ln 2 x bytes), comparable across tokenizers).")
     p.add_argument("--model", help="HF model dir (config.json, safetensors, tokenizer files)")
     p.add_argument("--data", help="UTF-8 text file, one document per line")
     p.add_argument("--seq-len", type=int, help="truncate documents to this many tokens (default 1024)")
@@ -53,20 +53,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(EvalConfig, args, {"model": "model", "data": "data", "seq_len": "seq_len",
                                             "batch_size": "batch_size", "dtype": "dtype", "out": "out"})
     start = time.perf_counter()
-    model_cfg = read_config(cfg.model, dtype=cfg.dtype)
-    if model_cfg.position == "learned" and cfg.seq_len > model_cfg.max_position_embeddings:
-        raise ClpError(f"{cfg.model}: seq_len {cfg.seq_len} exceeds the model's {model_cfg.max_position_embeddings} "
-                       "learned positions; pass --seq-len with a smaller value")
-    tokenizer = load_tokenizer(cfg.model)
-    check_tokenizer_fits(tokenizer, model_cfg.vocab_size, cfg.model)
-    lines = read_lines(cfg.data)
-    mesh = mesh_from_config(cfg.mesh)
-    docs, skipped = encode_documents(tokenizer, lines, cfg.seq_len)
-    if not docs:
-        raise ClpError(f"{cfg.data}: no document has 2 or more tokens")
-    model_cfg, params = load_params(cfg.model, mesh, model_cfg)
-    result = perplexity(params, model_cfg, mesh, docs, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                        skipped=skipped).to_dict()
+    result = evaluate_model_dir(cfg.model, cfg.data, mesh_from_config(cfg.mesh), seq_len=cfg.seq_len,
+                                batch_size=cfg.batch_size, dtype=cfg.dtype).to_dict()
     result["seconds"] = round(time.perf_counter() - start, 3)
     if cfg.out:
         def fill(tmp: str) -> None:

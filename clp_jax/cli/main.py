@@ -14,9 +14,11 @@ from clp_jax.errors import ClpError
 
 def build_parser() -> argparse.ArgumentParser:
     from clp_jax.cli import (
+        convert_cmd,
         data_cmd,
         demo_cmd,
         eval_cmd,
+        fetch_cmd,
         generate_cmd,
         plan_cmd,
         sft_cmd,
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clp-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (transfer_cmd, train_cmd, sft_cmd, study_cmd, plan_cmd, data_cmd, eval_cmd, generate_cmd,
-                   demo_cmd):
+                   fetch_cmd, convert_cmd, demo_cmd):
         module.register(sub, [common])
     return parser
 

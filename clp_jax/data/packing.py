@@ -3,7 +3,8 @@
 Greedy and sequential (deterministic): documents, each followed by EOS, fill rows in order. A document
 that does not fit in the rest of the current row starts the next row, leaving padding (segment 0) behind,
 unless it is longer than a whole row: then it starts in the current row and continues over the next rows.
-Each piece of a split document is its own segment, with positions again from 0.
+Each piece of a split document is its own segment, with positions again from 0. Given per-token byte
+counts, the rows also carry `bytes` (EOS and padding 0), so a held-out loss can be reported in bits per byte.
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from clp_jax.errors import ClpError
 
 @dataclass(frozen=True)
 class PackedBatches:
-    """[rows, seq_len] int32 arrays: token ids, segment ids (1, 2, ... within a row; 0 = padding), positions."""
+    """[rows, seq_len] int32 arrays: token ids, segment ids (1, 2, ... within a row; 0 = padding), positions,
+    and optionally the UTF-8 bytes each token covers."""
 
     tokens: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
+    bytes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        return {"tokens": self.tokens, "segment_ids": self.segment_ids, "positions": self.positions}
+        out = {"tokens": self.tokens, "segment_ids": self.segment_ids, "positions": self.positions}
+        return out if self.bytes is None else {**out, "bytes": self.bytes}
 
 
 def greedy_row_starts(lengths: np.ndarray, seq_len: int) -> np.ndarray:
@@ -46,9 +50,10 @@ def greedy_row_starts(lengths: np.ndarray, seq_len: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def pack_documents(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, eos_id: int,
-                   pad_id: int = 0) -> PackedBatches:
-    """Pack documents `tokens[offsets[i]:offsets[i+1]]`, each followed by `eos_id`, into rows of `seq_len`."""
+def pack_documents(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, eos_id: int, pad_id: int = 0,
+                   token_bytes: np.ndarray | None = None) -> PackedBatches:
+    """Pack documents `tokens[offsets[i]:offsets[i+1]]`, each followed by `eos_id`, into rows of `seq_len`;
+    `token_bytes` (aligned with `tokens`) go along into `bytes`."""
     if seq_len < 2:
         raise ClpError(f"seq_len must be >= 2, got {seq_len}")
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -80,7 +85,15 @@ def pack_documents(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, eos_id
     out_segments[dest] = doc - first_doc[dest // seq_len] + 1
     out_positions[dest] = dest - piece_start
     shape = (rows, seq_len)
-    return PackedBatches(out_tokens.reshape(shape), out_segments.reshape(shape), out_positions.reshape(shape))
+    out_bytes = None
+    if token_bytes is not None:
+        stream_bytes = np.zeros(len(stream), dtype=np.int32)
+        stream_bytes[is_body] = np.asarray(token_bytes)[offsets[0]:offsets[-1]]
+        out_bytes = np.zeros(rows * seq_len, dtype=np.int32)
+        out_bytes[dest] = stream_bytes
+        out_bytes = out_bytes.reshape(shape)
+    return PackedBatches(out_tokens.reshape(shape), out_segments.reshape(shape), out_positions.reshape(shape),
+                         out_bytes)
 
 
 def next_token_targets(tokens: np.ndarray, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

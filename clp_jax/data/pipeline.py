@@ -22,7 +22,7 @@ from clp_jax.config import ConfigModel
 from clp_jax.data.iterator import MixtureIterator, process_shard
 from clp_jax.data.mixtures import Mixture, MixtureConfig, build_mixture
 from clp_jax.data.packing import pack_documents
-from clp_jax.data.sft import format_examples, sft_batch
+from clp_jax.data.sft import format_examples, response_bytes, sft_batch
 from clp_jax.data.sources import SourceConfig, SourceData, read_source
 from clp_jax.data.tokenize import tokenize_source
 from clp_jax.errors import ClpError
@@ -90,7 +90,7 @@ def holdout_mask(keys: Sequence[str], count: int) -> np.ndarray:
 
 
 def _split_tokens(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The flat tokens and offsets of the documents where `keep` is true."""
+    """The flat tokens (or any per-token array) and offsets of the documents where `keep` is true."""
     lengths = np.diff(offsets)
     new_offsets = np.zeros(int(keep.sum()) + 1, dtype=np.int64)
     np.cumsum(lengths[keep], out=new_offsets[1:])
@@ -99,31 +99,35 @@ def _split_tokens(tokens: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> 
 
 def _pretrain_rows(data: SourceData, held: np.ndarray, cfg: DataConfig, tokenizer: Any,
                    eos_id: int) -> tuple[Rows, Rows, int, int, bool]:
-    """(train rows, eval rows, train tokens, eval tokens, from cache) of one text source."""
+    """(train rows, eval rows with `bytes`, train tokens, eval tokens, from cache) of one text source."""
     tok = tokenize_source(data, tokenizer, cfg.cache_dir)
     tokens, offsets = tok.tokens, tok.offsets
     if held.any():
         eval_tokens, eval_offsets = _split_tokens(tokens, offsets, held)
+        eval_bytes, _ = _split_tokens(tok.token_bytes, offsets, held)
         tokens, offsets = _split_tokens(tokens, offsets, ~held)
     else:
-        eval_tokens, eval_offsets = np.zeros(0, np.int32), np.zeros(1, np.int64)
+        eval_tokens, eval_bytes, eval_offsets = np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64)
     train = pack_documents(tokens, offsets, cfg.seq_len, eos_id).as_dict()
-    held_out = pack_documents(eval_tokens, eval_offsets, cfg.seq_len, eos_id).as_dict()
+    held_out = pack_documents(eval_tokens, eval_offsets, cfg.seq_len, eos_id, token_bytes=eval_bytes).as_dict()
     return train, held_out, int(offsets[-1]), int(eval_offsets[-1]), tok.stats.from_cache
 
 
 def _sft_rows(data: SourceData, held: np.ndarray, cfg: DataConfig, tokenizer: Any,
               pad_id: int) -> tuple[Rows, Rows, int, int, bool]:
-    """(train rows, eval rows, train tokens, eval tokens, from cache) of one prompt/response source."""
-    examples = format_examples(tokenizer, [(d.inputs, d.targets) for d in data.documents])
+    """(train rows, eval rows with `bytes`, train tokens, eval tokens, from cache) of one prompt/response source."""
+    pairs = [(d.inputs, d.targets) for d in data.documents]
+    examples = format_examples(tokenizer, pairs)
     train = [e for e, h in zip(examples, held) if not h]
     held_out = [e for e, h in zip(examples, held) if h]
+    held_bytes = response_bytes(tokenizer, [p for p, h in zip(pairs, held) if h])
 
     def count(xs: list) -> int:
         return sum(len(p) + len(r) for p, r in xs)
 
     return (sft_batch(train, cfg.seq_len, pad_id, pack=cfg.pack_sft),
-            sft_batch(held_out, cfg.seq_len, pad_id, pack=cfg.pack_sft), count(train), count(held_out), False)
+            sft_batch(held_out, cfg.seq_len, pad_id, pack=cfg.pack_sft, response_bytes=held_bytes),
+            count(train), count(held_out), False)
 
 
 def _document_key(doc: Any) -> str:

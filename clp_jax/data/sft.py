@@ -3,6 +3,8 @@
 With a chat template, the prompt is the rendered user turn plus the generation prompt and the response is
 the rest of the rendered conversation (assistant text and end-of-turn marks). Without one, the prompt is
 `prompt + "\\n"` and the response is `response` + EOS. No BOS is added, as in pretraining packing.
+Held-out rows also carry the UTF-8 bytes each response token covers (`clp_jax.data.tokenize.token_bytes` on the
+response text; EOS 0), so the response loss can be reported in bits per byte.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from clp_jax.data.packing import greedy_row_starts
+from clp_jax.data.tokenize import encode_with_bytes
 from clp_jax.errors import ClpError
 
 PLAIN_SEPARATOR = "\n"
@@ -47,6 +50,16 @@ def format_examples(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tu
             for p, r, (_, _, eos) in zip(prompt_ids, response_ids, rendered)]
 
 
+def response_bytes(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[np.ndarray]:
+    """UTF-8 bytes of the response text that each response token of `format_examples` covers (EOS: 0), int32."""
+    rendered = [_render(tokenizer, p, r) for p, r in pairs]
+    if not rendered:
+        return []
+    ids, nbytes = encode_with_bytes(tokenizer, [r for _, r, _ in rendered], add_special_tokens=False)
+    per_example = np.split(nbytes, np.cumsum([len(x) for x in ids])[:-1])
+    return [np.append(b, np.int32(0)) if eos else b for b, (_, _, eos) in zip(per_example, rendered)]
+
+
 def format_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) of one example, through the chat template when the tokenizer has one."""
     return format_examples(tokenizer, [(prompt, response)])[0]
@@ -63,14 +76,18 @@ def truncate_example(prompt_ids: Sequence[int], response_ids: Sequence[int],
     return prompt_ids, response_ids[:seq_len - len(prompt_ids)]
 
 
-def sft_batch(examples: Sequence[Example], seq_len: int, pad_id: int, pack: bool = False) -> dict[str, np.ndarray]:
-    """[rows, seq_len] arrays `tokens`, `segment_ids`, `positions` and float32 `loss_weights`.
+def sft_batch(examples: Sequence[Example], seq_len: int, pad_id: int, pack: bool = False,
+              response_bytes: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """[rows, seq_len] arrays `tokens`, `segment_ids`, `positions` and float32 `loss_weights`, plus int32
+    `bytes` (each response token's `response_bytes`; prompt and padding 0) when those are given.
 
     `loss_weights[r, t]` is 1 exactly when token t + 1 is a response token of the same example, i.e. the
     weights go with next-token targets. One example per row, or greedily packed rows when `pack`.
     """
     if seq_len < 2:
         raise ClpError(f"seq_len must be >= 2, got {seq_len}")
+    if response_bytes is not None and [len(b) for b in response_bytes] != [len(r) for _, r in examples]:
+        raise ValueError("response_bytes must hold one count per response token of each example")
     fitted = [truncate_example(p, r, seq_len) for p, r in examples]
     n = len(fitted)
     lengths = np.array([len(p) + len(r) for p, r in fitted], dtype=np.int64)
@@ -96,4 +113,12 @@ def sft_batch(examples: Sequence[Example], seq_len: int, pad_id: int, pack: bool
     tokens, segment_ids, positions, response = (a.reshape(shape) for a in (tokens, segment_ids, positions, response))
     weights = np.zeros(shape, dtype=np.float32)
     weights[:, :-1] = response[:, 1:] & (segment_ids[:, 1:] == segment_ids[:, :-1])
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "loss_weights": weights}
+    out = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions, "loss_weights": weights}
+    if response_bytes is not None:
+        kept = (np.concatenate([np.zeros(len(p), np.int32), np.asarray(b, np.int32)[:len(r)]])
+                for (p, r), b in zip(fitted, response_bytes))
+        stream_bytes = np.concatenate([np.zeros(0, np.int32), *kept])
+        out_bytes = np.zeros(rows * seq_len, dtype=np.int32)
+        out_bytes[dest] = stream_bytes
+        out["bytes"] = out_bytes.reshape(shape)
+    return out

@@ -1,8 +1,10 @@
-"""Corpus sources: text files, JSON lines and local TFDS datasets, read into documents with clear errors.
+"""Corpus sources: text files, JSON lines, Parquet, Arrow / `datasets` save_to_disk dirs and local TFDS datasets,
+read into documents with clear errors.
 
-A path is a file, a folder (every non-hidden file under it, sorted) or a glob. gzip and zstd files are
-recognised by their first bytes and decompressed while reading. Lines that are not valid UTF-8 are
-skipped and counted. Task "lm" reads plain texts; any other task (e.g. "sft") reads prompt/response pairs.
+A path is a file, a folder (every non-hidden file under it, sorted; a save_to_disk dir: its Arrow files) or a
+glob. gzip and zstd files are recognised by their first bytes and decompressed while reading. Lines that are
+not valid UTF-8 are skipped and counted, and so are records whose fields are null or empty. Task "lm" reads
+plain texts; any other task (e.g. "sft") reads prompt/response pairs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from typing import Any, BinaryIO, Literal
 from pydantic import model_validator
 
 from clp_jax.config import ConfigModel
+from clp_jax.data.columnar import is_saved_dataset, read_rows, saved_dataset_files
 from clp_jax.errors import ClpError
 
 LM_TASK = "lm"
 MIXED_LANGUAGE = "mul"  # ISO 639-2 code for "multiple languages"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+COLUMNAR_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -38,8 +42,10 @@ class SourceConfig(ConfigModel):
     """One corpus: where it lives, how to read it, and which language and task it holds.
 
     Exactly one of `path` (file, folder or glob) and `tfds` (a dataset name, read from `data_dir`) is set.
-    `language` labels every document; for JSON lines and TFDS records that carry `language_field`, the
-    record's value is used when `language` is unset, and records of other languages are skipped when it is set.
+    `language` labels every document; for JSON, Parquet, Arrow and TFDS records that carry `language_field`,
+    the record's value is used when `language` is unset, and records of other languages are skipped when it is
+    set. `format` "auto" infers it per file from the extension (a save_to_disk dir is "arrow"); `split` picks
+    the split of a TFDS dataset or of a `datasets` DatasetDict dir.
     """
 
     name: str
@@ -47,7 +53,7 @@ class SourceConfig(ConfigModel):
     tfds: str | None = None
     data_dir: str | None = None
     split: str = "train"
-    format: Literal["auto", "text", "jsonl", "tfds"] = "auto"
+    format: Literal["auto", "text", "jsonl", "parquet", "arrow", "tfds"] = "auto"
     per_line: bool = True
     text_field: str = "text"
     inputs_field: str = "inputs"
@@ -184,10 +190,13 @@ def _decode(raw: bytes, stats: SourceStats) -> str | None:
         return None
 
 
-def _string_field(record: dict, key: str, where: str) -> str:
+def _string_field(record: dict, key: str, where: str) -> str | None:
+    """A record's string field; None when it is null (JSON null, a Parquet or Arrow null)."""
     if key not in record:
         raise ClpError(f"{where}: missing field '{key}' (fields: {', '.join(map(str, record)) or 'none'})")
     value = record[key]
+    if value is None:
+        return None
     if isinstance(value, bytes):
         value = value.decode("utf-8")  # TFDS text features; UnicodeDecodeError is counted by the caller
     if not isinstance(value, str):
@@ -200,18 +209,20 @@ def _record_document(record: dict, src: SourceConfig, where: str, stats: SourceS
     try:
         language = src.language
         if src.language_field and (src.language_field in record or src.language is None):
-            own = _string_field(record, src.language_field, where).strip()
-            if language is not None and own != language:
+            own = (_string_field(record, src.language_field, where) or "").strip()
+            if own and language is not None and own != language:
                 stats.skipped_language += 1
                 stats.other_languages[own] += 1
                 return None
-            language = own
-        if src.pairs:
-            inputs = _string_field(record, src.inputs_field, where).strip()
-            targets = _string_field(record, src.targets_field, where).strip()
+            language = own or language  # a null language is a record without one
+        if not language:  # no source language and a null or empty record language: counted as empty
+            doc = None
+        elif src.pairs:
+            inputs = (_string_field(record, src.inputs_field, where) or "").strip()
+            targets = (_string_field(record, src.targets_field, where) or "").strip()
             doc = Document(language, src.task, inputs=inputs, targets=targets) if inputs and targets else None
         else:
-            text = _string_field(record, src.text_field, where).strip()
+            text = (_string_field(record, src.text_field, where) or "").strip()
             doc = Document(language, src.task, text=text) if text else None
     except UnicodeDecodeError:
         stats.skipped_undecodable += 1
@@ -227,7 +238,9 @@ def _file_format(src: SourceConfig, path: str) -> str:
     name = path.lower()
     for suffix in (".gz", ".zst", ".zstd"):
         name = name.removesuffix(suffix)
-    return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return COLUMNAR_SUFFIXES.get(os.path.splitext(name)[1], "text")
 
 
 def _text_documents(src: SourceConfig, path: str, stats: SourceStats) -> Iterator[Document]:
@@ -279,6 +292,27 @@ def _jsonl_documents(src: SourceConfig, path: str, stats: SourceStats) -> Iterat
         raise ClpError(f"{path}: file is empty (no non-blank lines)")
 
 
+def _columnar_documents(src: SourceConfig, path: str, fmt: str, stats: SourceStats) -> Iterator[Document]:
+    """Records of a Parquet or Arrow file, reading only the fields the source needs, batch by batch."""
+    fields = [src.inputs_field, src.targets_field] if src.pairs else [src.text_field]
+    optional = []
+    if src.language_field:
+        (fields if src.language is None else optional).append(src.language_field)
+    for row, record in enumerate(read_rows(path, fmt, fields, optional)):
+        doc = _record_document(record, src, f"{path} row {row}", stats)
+        if doc is not None:
+            yield doc
+
+
+def _source_files(src: SourceConfig) -> list[str]:
+    """The files of a path source: a save_to_disk dir's Arrow files (of `split`), else `resolve_files`."""
+    assert src.path is not None
+    expanded = os.path.expanduser(src.path)
+    if src.format in ("auto", "arrow") and os.path.isdir(expanded) and is_saved_dataset(expanded):
+        return saved_dataset_files(expanded, src.split)
+    return resolve_files(src.path)
+
+
 def _tfds_where(src: SourceConfig) -> str:
     return f"TFDS dataset '{src.tfds}' (split '{src.split}', data_dir {src.data_dir or 'the TFDS default'})"
 
@@ -317,11 +351,13 @@ def _iter_documents(src: SourceConfig, stats: SourceStats) -> Iterator[Document]
     if src.tfds is not None:
         yield from _tfds_documents(src, stats)
         return
-    assert src.path is not None
-    for path in resolve_files(src.path):
+    for path in _source_files(src):
         stats.files.append(path)
-        reader = _jsonl_documents if _file_format(src, path) == "jsonl" else _text_documents
-        yield from reader(src, path, stats)
+        fmt = _file_format(src, path)
+        if fmt in ("parquet", "arrow"):
+            yield from _columnar_documents(src, path, fmt, stats)
+        else:
+            yield from (_jsonl_documents if fmt == "jsonl" else _text_documents)(src, path, stats)
 
 
 def read_documents(src: SourceConfig) -> Iterator[Document]:

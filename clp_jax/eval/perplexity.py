@@ -1,9 +1,14 @@
-"""Perplexity of a causal LM on documents: token-weighted mean next-token cross-entropy in nats.
+"""Perplexity and bits per byte of a causal LM on documents: next-token cross-entropy in nats, and in bits
+per UTF-8 byte of the text the predicted tokens cover (comparable across tokenizers).
 
 Contract: each document is encoded as ``tokenizer(text)`` encodes it, truncated to ``seq_len``
-tokens, never packed with another document; documents under 2 tokens are skipped. Batch size and
-padding do not change the result: per-document sums come back from the device and are added in
-float64 on the host in document order.
+tokens, never packed with another document; documents under 2 tokens are skipped. Tokens 1..n-1 of a
+document are predicted; the bytes they cover are those of ``clp_jax.data.tokenize.token_bytes`` on the whole
+encoding, summed over tokens 1..n-1: the text from the end of token 0's character span (0 when token 0 is a
+special token such as BOS, whose span is empty) to the end of token n-1's span, or to the end of the text when
+nothing was truncated. So an untruncated document with BOS covers all its UTF-8 bytes, and one without BOS
+all but those of its first token's span. Batch size and padding do not change the result: per-document sums
+come back from the device and are added in float64 on the host in document order.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from clp_jax import models
+from clp_jax.data.tokenize import encode_with_bytes
+from clp_jax.errors import ClpError
+from clp_jax.files import read_lines
+from clp_jax.hf.reader import load_params, read_config
+from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
 
@@ -28,7 +38,9 @@ from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
 class PerplexityResult:
     loss: float
     ppl: float
+    bits_per_byte: float | None  # None without byte counts
     tokens: int  # predicted positions
+    bytes: int | None  # UTF-8 bytes the predicted tokens cover
     documents: int
     skipped: int
 
@@ -36,18 +48,28 @@ class PerplexityResult:
         return dataclasses.asdict(self)
 
 
-def encode_documents(tokenizer: Any, texts: Sequence[str], seq_len: int) -> tuple[list[np.ndarray], int]:
-    """Token ids per non-empty text (tokenizer defaults, truncated to seq_len); returns (docs, skipped)."""
+def bits_per_byte(nll: float, num_bytes: float) -> float:
+    """Summed next-token loss in nats over the UTF-8 bytes the predicted tokens cover, in bits per byte."""
+    return nll / (math.log(2) * num_bytes) if num_bytes else float("nan")
+
+
+def encode_documents(tokenizer: Any, texts: Sequence[str],
+                     seq_len: int) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """Token ids per non-empty text (tokenizer defaults, truncated to seq_len), the bytes each document's
+    predicted tokens cover (module docstring), and how many documents were skipped."""
     texts = [t for t in texts if t.strip()]
-    docs, skipped = [], 0
+    docs, covered, skipped = [], [], 0
     for start in range(0, len(texts), 1024):
-        for ids in tokenizer(list(texts[start:start + 1024]))["input_ids"]:
+        batch, nbytes = encode_with_bytes(tokenizer, texts[start:start + 1024])
+        firsts = np.cumsum([0] + [len(ids) for ids in batch])
+        for ids, first in zip(batch, firsts):
             ids = np.asarray(ids[:seq_len], dtype=np.int32)
             if len(ids) < 2:
                 skipped += 1
             else:
                 docs.append(ids)
-    return docs, skipped
+                covered.append(int(nbytes[first + 1:first + len(ids)].sum()))  # tokens 1..n-1 after truncation
+    return docs, np.asarray(covered, np.int64), skipped
 
 
 def token_nll(params: Any, cfg: TransformerConfig, tokens: jax.Array, segment_ids: jax.Array) -> tuple:
@@ -93,11 +115,22 @@ def make_eval_step(cfg: TransformerConfig, mesh: Mesh, params: Any, rows: int) -
     return lambda p, tokens, seg: fn(p, jax.device_put(tokens, b), jax.device_put(seg, b))
 
 
-def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.ndarray], *, batch_size: int = 8,
-               seq_len: int = 1024, skipped: int = 0, progress: bool = True) -> PerplexityResult:
-    """Loss and perplexity over ``docs`` (each a 1-D array of token ids)."""
+def eval_rows(mesh: Mesh, batch_size: int) -> int:
+    """Rows of each eval batch: ``batch_size`` rounded up to a multiple of the batch devices."""
     divisor = batch_divisor(mesh)
-    step = make_eval_step(cfg, mesh, params, -(-batch_size // divisor) * divisor)
+    return -(-batch_size // divisor) * divisor
+
+
+def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.ndarray], *, batch_size: int = 8,
+               seq_len: int = 1024, skipped: int = 0, covered_bytes: Sequence[int] | None = None,
+               progress: bool = True, step: Callable | None = None) -> PerplexityResult:
+    """Loss, perplexity and (given each document's ``covered_bytes``) bits per byte over ``docs`` (1-D token ids).
+
+    ``step``, a ``make_eval_step(cfg, mesh, params, eval_rows(mesh, batch_size))``, saves recompiling when the
+    same model is evaluated again (e.g. during training).
+    """
+    divisor = batch_divisor(mesh)
+    step = step or make_eval_step(cfg, mesh, params, eval_rows(mesh, batch_size))
     nll = np.zeros(len(docs), np.float64)
     count = np.zeros(len(docs), np.int64)
     total_tokens = sum(len(d) - 1 for d in docs)
@@ -109,5 +142,31 @@ def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.nd
             bar.update(int(counts[:len(idx)].sum()))
     tokens = int(count.sum())
     loss = float(nll.sum() / tokens) if tokens else float("nan")
-    return PerplexityResult(loss=loss, ppl=math.exp(loss) if tokens else float("nan"), tokens=tokens,
-                            documents=len(docs), skipped=skipped)
+    num_bytes = None if covered_bytes is None else int(np.sum(covered_bytes, dtype=np.int64))
+    return PerplexityResult(loss=loss, ppl=math.exp(loss) if tokens else float("nan"),
+                            bits_per_byte=None if num_bytes is None else bits_per_byte(float(nll.sum()), num_bytes),
+                            tokens=tokens, bytes=num_bytes, documents=len(docs), skipped=skipped)
+
+
+def evaluate_model_dir(model_dir: str, texts: Sequence[str] | str, mesh: Mesh, *, seq_len: int = 1024,
+                       batch_size: int = 8, dtype: str = "float32", data_name: str = "data",
+                       progress: bool = True) -> PerplexityResult:
+    """Loss and bits per byte of an HF model dir on ``texts`` under the module's contract (what `clp-jax eval` runs).
+
+    ``texts`` may be a text file's path (one document per line, read once the model dir checks out);
+    ``data_name`` names given texts in errors.
+    """
+    model_cfg = read_config(model_dir, dtype=dtype)
+    if model_cfg.position == "learned" and seq_len > model_cfg.max_position_embeddings:
+        raise ClpError(f"{model_dir}: seq_len {seq_len} exceeds the model's {model_cfg.max_position_embeddings} "
+                       "learned positions; pass --seq-len with a smaller value")
+    tokenizer = load_tokenizer(model_dir)
+    check_tokenizer_fits(tokenizer, model_cfg.vocab_size, model_dir)
+    if isinstance(texts, str):
+        texts, data_name = read_lines(texts), texts
+    docs, covered, skipped = encode_documents(tokenizer, texts, seq_len)
+    if not docs:
+        raise ClpError(f"{data_name}: no document has 2 or more tokens")
+    model_cfg, params = load_params(model_dir, mesh, model_cfg, progress=progress)
+    return perplexity(params, model_cfg, mesh, docs, batch_size=batch_size, seq_len=seq_len, skipped=skipped,
+                      covered_bytes=covered, progress=progress)

@@ -1,4 +1,5 @@
-"""The CLP-Transfer headline metric and its plots: steps each initialization needs to reach a target loss."""
+"""The CLP-Transfer headline metric and the plots: steps each run needs to reach another's loss, held-out curves
+per initialization and step-0 bits per byte against reference models."""
 
 from __future__ import annotations
 
@@ -21,36 +22,56 @@ def steps_to_reach(curve: Curve, target: float) -> int | None:
     return None
 
 
-def steps_fraction(curves: Mapping[str, Curve], baseline: str = "from-scratch") -> dict[str, float | None]:
-    """Fraction of the baseline's steps each run needs to reach the baseline's final loss (the paper's metric)."""
-    base = curves[baseline]
-    target, total = base[-1][1], base[-1][0]
-    return {name: (None if (s := steps_to_reach(c, target)) is None else s / total) for name, c in curves.items()}
+def steps_to_reach_table(curves: Mapping[str, Curve], best: str) -> dict[str, list[dict]]:
+    """The paper's metric both ways, per other run and eval step s of ``best``: the first step at which the run
+    reaches best's loss at s (``run_steps``) and at which best reaches the run's loss at s (``best_steps``);
+    None where the curve never gets there."""
+    table = {}
+    for name, curve in curves.items():
+        if name == best:
+            continue
+        own = dict(curve)
+        table[name] = [{"step": step, "best_loss": loss, "run_steps": steps_to_reach(curve, loss),
+                        "loss": own.get(step),
+                        "best_steps": None if step not in own else steps_to_reach(curves[best], own[step])}
+                       for step, loss in curves[best]]
+    return table
 
 
-def plot_eval_curves(curves: Mapping[str, Curve], path: str, title: str) -> None:
+def plot_eval_curves(curves: Mapping[str, Curve], path: str, title: str, ylabel: str = "held-out loss (nats/token)",
+                     references: Mapping[str, float] | None = None) -> None:
+    """One line per run against step; ``references`` (label -> value) as dashed horizontal lines."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, curve in curves.items():
         ax.plot([s for s, _ in curve], [v for _, v in curve], marker=".", label=name)
+    for i, (label, value) in enumerate((references or {}).items()):
+        ax.axhline(value, color="k", alpha=0.6, linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=label)
     ax.set_xlabel("continued-pretraining step")
-    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 
-def plot_steps_fraction(fractions: Mapping[str, float | None], path: str, baseline: str = "from-scratch") -> None:
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
-    names = list(fractions)
-    values = [fractions[n] if fractions[n] is not None else 0.0 for n in names]
-    bars = ax.barh(names, values, color=["tab:green" if n.startswith("clp") else "tab:gray" for n in names])
+def plot_value_bars(values: Mapping[str, float], path: str, title: str, xlabel: str,
+                    references: Mapping[str, float] | None = None) -> None:
+    """Horizontal bars (one per run, in the given order, labelled) with ``references`` as dashed vertical lines."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(6.5, 0.8 + 0.35 * max(len(names), 1)))
+    bars = ax.barh(names, [values[n] for n in names], color=["tab:green" if n.startswith("clp") else "tab:gray"
+                                                              for n in names])
     for bar, n in zip(bars, names):
-        label = "not reached" if fractions[n] is None else f"{fractions[n]:.0%}"
-        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=9)
-    ax.set_xlim(0, 1.15)
-    ax.set_xlabel(f"fraction of {baseline}'s steps needed to reach its final held-out loss")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {values[n]:.3f}", va="center", fontsize=8)
+    for i, (label, value) in enumerate((references or {}).items()):
+        ax.axvline(value, color=("tab:red", "tab:blue", "tab:purple")[i % 3], linestyle="--", linewidth=1.2,
+                   label=f"{label} ({value:.3f})")
+    if references:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
     ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
 
 

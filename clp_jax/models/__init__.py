@@ -1,4 +1,4 @@
-"""Flax decoder models (GPT-2, Llama family, BLOOM) as pure functions over plain parameter dicts."""
+"""Flax decoder models (GPT-2, Llama family, BLOOM, Gemma 3) as pure functions over plain parameter dicts."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clp_jax.models import bloom, gpt2, llama
+from clp_jax.models import bloom, gemma3, gpt2, llama
 from clp_jax.models.config import TransformerConfig
 from clp_jax.models.transformer import Transformer
 
-_FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bloom)
+_FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, bloom, gemma3)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in _FAMILIES for t in f.MODEL_TYPES)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "Transformer", "TransformerConfig", "apply", "apply_cached", "cache_axes",
@@ -21,7 +21,7 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "Transformer", "TransformerConfig", "apply",
 
 
 def family(name: str) -> ModuleType:
-    """The module (gpt2, llama, bloom) handling an HF ``model_type`` or our ``arch``."""
+    """The module (gpt2, llama, bloom, gemma3) handling an HF ``model_type`` or our ``arch``."""
     for f in _FAMILIES:
         if name in f.MODEL_TYPES or name == f.__name__.rsplit(".", 1)[-1]:
             return f

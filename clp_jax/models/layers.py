@@ -22,7 +22,7 @@ def param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], axes:
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm, computed in float32 like Hugging Face, returned in the compute dtype."""
+    """LayerNorm or RMSNorm over the last dim, computed in float32 like Hugging Face, returned in the compute dtype."""
 
     cfg: TransformerConfig
 
@@ -30,8 +30,13 @@ class Norm(nn.Module):
     def __call__(self, x: Array) -> Array:
         cfg = self.cfg
         e = x.shape[-1]
-        scale = param(self, "scale", nn.initializers.ones, (e,), ("norm",), cfg.weight_dtype)
+        plus_one = cfg.norm == "rmsnorm_plus_one"
+        init = nn.initializers.zeros if plus_one else nn.initializers.ones
+        scale = param(self, "scale", init, (e,), ("norm",), cfg.weight_dtype)
         h = x.astype(jnp.float32)
+        if plus_one:  # Gemma: the (1 + w) weight is applied in float32, then cast
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
+            return (h * (1.0 + scale.astype(jnp.float32))).astype(cfg.compute_dtype)
         if cfg.norm == "rmsnorm":
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
             # HF casts back to the input dtype before applying the weight.
@@ -44,11 +49,10 @@ class Norm(nn.Module):
         return h.astype(cfg.compute_dtype)
 
 
-def rope_inv_freq(cfg: TransformerConfig) -> np.ndarray:
-    """RoPE inverse frequencies (float32), with linear or Llama-3 scaling when configured."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    scaling = dict(cfg.rope_scaling or ())
+def rope_inv_freq(d: int, theta: float, rope_scaling: tuple[tuple[str, Any], ...] | None) -> np.ndarray:
+    """RoPE inverse frequencies (float32) for head dim ``d``, with linear or Llama-3 scaling when given."""
+    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    scaling = dict(rope_scaling or ())
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / scaling["factor"]
@@ -110,14 +114,16 @@ def cache_attention_mask(q_positions: Array, k_positions: Array, sliding_window:
     return mask[:, None]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float,
+                          softcap: float | None = None) -> Array:
     """Grouped-query attention; q [B,T,H,D], k/v [B,S,KV,D], mask [B,1,T,S], bias [B,H,1|T,S]; float32 softmax.
 
+    Scores are ``q k * scale``, soft-capped to ``softcap * tanh(scores / softcap)`` when given, plus ``bias``.
     A custom VJP keeps the backward pass to the four matmuls and one elementwise pass of the textbook
-    formula (dS = P * (dP - rowsum(dO * O))); XLA's derivative of the softmax graph makes more passes over
-    the [T, S] scores, which dominate attention time on CPU.
+    formula (dS = P * (dP - rowsum(dO * O)), times 1 - tanh^2 under a soft cap); XLA's derivative of the
+    softmax graph makes more passes over the [T, S] scores, which dominate attention time on CPU.
     """
-    return _attention(q, k, v, mask, bias, scale)
+    return _attention(q, k, v, mask, bias, scale, softcap)
 
 
 def _heads_major(x: Array, kv: int) -> Array:
@@ -132,11 +138,16 @@ def _grouped(x: Array, kv: int) -> Array:
     return x[:, :, None] if h == 1 else x.reshape(b, kv, h // kv, t, s)
 
 
-def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float) -> tuple:
+def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float,
+                   softcap: float | None) -> tuple:
     b, t, h, d = q.shape
     kv = k.shape[2]
     qh, kh, vh = _heads_major(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * scale
+    capped = None
+    if softcap is not None:
+        capped = jnp.tanh(scores / softcap)
+        scores = capped * softcap
     if bias is not None:
         scores = scores + _grouped(bias, kv)
     mask = _grouped(mask, kv)
@@ -145,25 +156,34 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, bias: Array | None
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     out = out.astype(v.dtype)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), (qh, kh, vh, mask, probs, out)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), (qh, kh, vh, mask, probs, out, capped)
 
 
-def _attention_bwd(scale: float, res: tuple, d_out: Array) -> tuple:
-    qh, kh, vh, mask, probs, out = res
+def _attention_bwd(scale: float, softcap: float | None, res: tuple, d_out: Array) -> tuple:
+    qh, kh, vh, mask, probs, out, capped = res
     b, kv, g, t, d = qh.shape
     do = _heads_major(d_out, kv)
     dv = jnp.einsum("bkgts,bkgtd->bskd", probs.astype(vh.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.einsum("bkgtd,bksd->bkgts", do, vh, preferred_element_type=jnp.float32)
     rowsum = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    ds = jnp.where(mask, probs * (dp - rowsum) * scale, 0.0).astype(qh.dtype)
+    ds = probs * (dp - rowsum)
+    if capped is not None:  # d/dx c * tanh(x / c) = 1 - tanh(x / c)^2
+        ds = ds * (1.0 - capped * capped)
+    ds = jnp.where(mask, ds * scale, 0.0).astype(qh.dtype)
     dq = jnp.einsum("bkgts,bksd->btkgd", ds, kh, preferred_element_type=jnp.float32).reshape(b, t, kv * g, d)
     dk = jnp.einsum("bkgts,bkgtd->bskd", ds, qh, preferred_element_type=jnp.float32)
     return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
-_attention = jax.custom_vjp(lambda q, k, v, mask, bias, scale: _attention_fwd(q, k, v, mask, bias, scale)[0],
-                            nondiff_argnums=(5,))
+_attention = jax.custom_vjp(
+    lambda q, k, v, mask, bias, scale, softcap: _attention_fwd(q, k, v, mask, bias, scale, softcap)[0],
+    nondiff_argnums=(5, 6))
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """``cap * tanh(x / cap)`` (Gemma's logit soft-capping), or ``x`` when ``cap`` is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 def activation(name: str, x: Array) -> Array:

@@ -1,9 +1,10 @@
-"""The Flax decoder shared by GPT-2, Llama-family and BLOOM models; configs decide the differences.
+"""The Flax decoder shared by GPT-2, Llama-family, BLOOM and Gemma models; configs decide the differences.
 
 Parameter tree (plain nested dicts), the same for every architecture:
   embed/embedding [vocab, embed]; pos_embed/embedding (learned positions); embed_norm (BLOOM);
-  layers_{i}/{attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{up, gate?, down}}; final_norm;
-  lm_head/kernel [embed, vocab] when embeddings are untied.
+  layers_{i}/{attn_norm, attn/{q,k,v,o, q_norm?, k_norm?}, attn_post_norm?, mlp_norm, mlp/{up, gate?, down},
+  mlp_post_norm?}; final_norm; lm_head/kernel [embed, vocab] when embeddings are untied.
+Layers differ only by their sliding window and RoPE base (``cfg.layer_window``, ``cfg.layer_rope``).
 
 Decoding with a KV cache (``models.init_cache``): the cache holds per-layer k/v [B, L, KV, D] and the
 position of the token in each slot [B, L] (-1: empty or padding). A call writes its T tokens at slots
@@ -30,6 +31,7 @@ from clp_jax.models.layers import (
     dot_product_attention,
     param,
     rope_inv_freq,
+    softcap,
 )
 from clp_jax.sharding import constrain
 
@@ -81,18 +83,20 @@ class Attention(nn.Module):
         q = Dense(cfg, (e,), (h, d), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q")(x)
         k = Dense(cfg, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k")(x)
         v = Dense(cfg, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v")(x)
+        if cfg.qk_norm:
+            q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
         if cfg.position == "rope":
-            inv = rope_inv_freq(cfg)
+            inv = rope_inv_freq(d, *cfg.layer_rope(self.layer_idx))
             q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
         if cache is not None:
             at = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
             cache = {"k": k, "v": v}
-        scale = d**-0.5
+        scale = (cfg.attn_scale_dim or d) ** -0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        out = dot_product_attention(q, k, v, mask, bias, scale)
+        out = dot_product_attention(q, k, v, mask, bias, scale, cfg.attn_softcap)
         return Dense(cfg, (h, d), (e,), ("heads", "head_dim"), ("embed",), cfg.out_bias,
                      init_scale=(2 * cfg.num_layers) ** -0.5, name="o")(out), cache
 
@@ -115,7 +119,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; BLOOM may take the residual from the normed input."""
+    """Pre-norm residual block; BLOOM may take the residual from the normed input, Gemma norms each output."""
 
     cfg: TransformerConfig
     layer_idx: int
@@ -126,9 +130,14 @@ class Block(nn.Module):
         cfg = self.cfg
         h = Norm(cfg, name="attn_norm")(x)
         a, cache = Attention(cfg, self.layer_idx, name="attn")(h, positions, mask, bias, cache, cache_index)
+        if cfg.post_norms:
+            a = Norm(cfg, name="attn_post_norm")(a)
         x = (h if cfg.residual_from_norm else x) + a
         h = Norm(cfg, name="mlp_norm")(x)
-        return (h if cfg.residual_from_norm else x) + Mlp(cfg, name="mlp")(h), cache
+        m = Mlp(cfg, name="mlp")(h)
+        if cfg.post_norms:
+            m = Norm(cfg, name="mlp_post_norm")(m)
+        return (h if cfg.residual_from_norm else x) + m, cache
 
 
 class Transformer(nn.Module):
@@ -152,18 +161,21 @@ class Transformer(nn.Module):
             segment_ids = jnp.ones((b, t), dtype=jnp.int32)
         embedding = _Embed(cfg, name="embed")
         x = embedding(tokens)
+        if cfg.embed_scale:  # HF rounds sqrt(hidden_size) to the compute dtype first
+            x = x * jnp.asarray(cfg.hidden_size**0.5, cfg.compute_dtype)
         if cfg.position == "learned":
             x = x + _Embed(cfg, rows=cfg.max_position_embeddings, axis=None, name="pos_embed")(positions)
         if cfg.embed_norm:
             x = Norm(cfg, name="embed_norm")(x)
         x = constrain(x, RESIDUAL_AXES)
+        windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
         if cache is None:
             key_positions = positions
-            mask = attention_mask(segment_ids, positions, cfg.sliding_window)
+            masks = {w: attention_mask(segment_ids, positions, w) for w in dict.fromkeys(windows)}
         else:
             written = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
             key_positions = jax.lax.dynamic_update_slice(cache["positions"], written, (0, cache_index))
-            mask = cache_attention_mask(positions, key_positions, cfg.sliding_window)
+            masks = {w: cache_attention_mask(positions, key_positions, w) for w in dict.fromkeys(windows)}
         bias = None
         if cfg.position == "alibi":
             slopes = jnp.asarray(alibi_slopes(cfg.num_heads))
@@ -172,7 +184,8 @@ class Transformer(nn.Module):
         layer_caches = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = block(cfg, i, name=f"layers_{i}")(x, positions, mask, bias, layer_cache, cache_index)
+            x, layer_cache = block(cfg, i, name=f"layers_{i}")(x, positions, masks[windows[i]], bias, layer_cache,
+                                                               cache_index)
             x = constrain(x, RESIDUAL_AXES)
             layer_caches.append(layer_cache)
         if last_only:
@@ -185,6 +198,8 @@ class Transformer(nn.Module):
         else:
             out = Dense(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",), False,
                         f32_output=True, name="lm_head")(x)
+        if not return_hidden:
+            out = softcap(out, cfg.final_softcap)
         if cache is None:
             return out
         return out, {"positions": key_positions, "layers": layer_caches}

@@ -82,7 +82,7 @@ def plot_transfer_matrix(rows: Sequence[dict], metric: str, n: int, tasks: str, 
         values = grid[train.index(r["train_languages"]), evals.index(r["language"])]
         grid[train.index(r["train_languages"]), evals.index(r["language"])] = np.nanmean([values, r[metric]])
     fig, ax = plt.subplots(figsize=(1.2 * len(evals) + 2, 0.9 * len(train) + 1.6))
-    im = ax.imshow(grid, cmap="viridis_r" if "loss" in metric else "viridis", aspect="auto")
+    im = ax.imshow(grid, cmap="viridis_r" if "loss" in metric or "bpb" in metric else "viridis", aspect="auto")
     ax.set_xticks(range(len(evals)), evals)
     ax.set_yticks(range(len(train)), [f"en+{t}" for t in train])
     for i in range(len(train)):

@@ -25,10 +25,11 @@ class ModelSection(ConfigModel):
 
 
 class EvalSection(ConfigModel):
-    """Held-out loss per data source (language) every `every_steps` steps."""
+    """Held-out loss, perplexity and bits per byte per data source (language) every `every_steps` steps."""
 
     every_steps: int = Field(100, ge=1)
     max_batches: int | None = Field(None, ge=1)
+    at_start: bool = False  # also at step 0, before the first update (not when resuming)
 
 
 class DistributedSection(ConfigModel):

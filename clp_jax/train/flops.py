@@ -3,8 +3,9 @@
 ``N_matmul`` counts the weights every token multiplies: all parameters except the input embedding tables (a
 lookup, not a matmul) plus the output projection ``vocab * hidden`` (tied or not). 6 = 2 (multiply-add) x 3
 (forward, and backward for activations and weights). The attention term counts QK^T and AV over the full
-``seq_len`` window (4 * H * d_head * seq_len per token forward, x3), as in PaLM's MFU; causal masking, remat
-recomputation and norms/softmax are not counted.
+``seq_len`` window (4 * H * d_head * seq_len per token forward, x3), as in PaLM's MFU, or over the sliding window
+in layers that have one (when it is shorter); causal masking, remat recomputation and norms/softmax are not
+counted.
 """
 
 from __future__ import annotations
@@ -23,5 +24,6 @@ def matmul_params(cfg: TransformerConfig) -> int:
 
 def train_step_flops(cfg: TransformerConfig, tokens: int, seq_len: int) -> float:
     """FLOPs of forward + backward over ``tokens`` tokens in rows of ``seq_len``."""
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    spans = sum(min(seq_len, cfg.layer_window(i) or seq_len) for i in range(cfg.num_layers))
+    attention = 12 * cfg.num_heads * cfg.head_dim * spans
     return float(tokens) * (6 * matmul_params(cfg) + attention)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from clp_jax.config import save_config
 from clp_jax.data.pipeline import Data, build_data
 from clp_jax.errors import ClpError
+from clp_jax.eval.perplexity import bits_per_byte
 from clp_jax.files import write_json
 from clp_jax.hf.reader import load_params, read_config, read_config_dict
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
@@ -66,18 +67,24 @@ def _global_batch(rows: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
 
 
 def evaluate(params: Any, eval_step: Any, data: Data, mesh: jax.sharding.Mesh, max_batches: int | None) -> dict:
-    """Held-out loss and perplexity per source: ``eval/<source>/loss``, ``eval/<source>/ppl``."""
+    """Held-out loss, perplexity and bits per byte per source: ``eval/<source>/loss``, ``/ppl``, ``/bpb``.
+
+    bpb is the summed nll (nats) of the predicted targets over ln 2 times the UTF-8 bytes those targets cover.
+    """
     out = {}
     for name in data.eval_sets:
-        total, tokens = 0.0, 0.0
+        sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
         for i, rows in enumerate(data.eval_batches(name)):
             if max_batches is not None and i >= max_batches:
                 break
-            s, n = jax.device_get(eval_step(params, _global_batch(rows, mesh)))
-            total, tokens = total + float(s), tokens + float(n)
+            m = jax.device_get(eval_step(params, _global_batch(rows, mesh)))
+            sums = {k: v + float(m[k]) for k, v in sums.items()}
+        total, tokens, num_bytes = sums["loss_sum"], sums["tokens"], sums["bytes"]
         if tokens:
             out[f"eval/{name}/loss"] = total / tokens
             out[f"eval/{name}/ppl"] = math.exp(min(total / tokens, 700.0))
+        if num_bytes:
+            out[f"eval/{name}/bpb"] = bits_per_byte(total, num_bytes)
     return out
 
 
@@ -156,8 +163,10 @@ class Trainer:
         status = "finished"
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
-        window_start, window_steps = time.perf_counter(), 0
         try:
+            if cfg.eval.at_start and self.step == 0:
+                writer.write(0, evaluate(self.state.params, self.eval_step, data, self.mesh, cfg.eval.max_batches))
+            window_start, window_steps = time.perf_counter(), 0
             while self.step < cfg.steps:
                 batch = _global_batch(next(data.train), self.mesh)
                 self.state, metrics = self.train_step(self.state, batch)

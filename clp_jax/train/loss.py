@@ -3,8 +3,9 @@
 The [B, T, vocab] logits of a large-vocabulary model (BLOOM: 250,880 entries) are often the largest
 activation of a step. Here they exist for ``chunk`` positions at a time: each chunk's logits give its nll
 and, in the same pass, its gradients d(hidden) = G W and dW += G^T hidden with G = weight * (softmax -
-onehot), so the backward pass only scales the stored gradients by the incoming cotangent. Without a
-gradient (eval) only the nll is computed. The matmul FLOPs equal those of the plain formulation.
+onehot), so the backward pass only scales the stored gradients by the incoming cotangent (times
+1 - tanh^2 under Gemma's logit soft-cap). Without a gradient (eval) only the nll is computed. The matmul
+FLOPs equal those of the plain formulation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from clp_jax.models.layers import softcap
 from clp_jax.sharding import constrain
 
 Array = jax.Array
@@ -28,17 +30,17 @@ def token_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
 
 
 def weighted_nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int | None = None,
-                     vocab_major: bool = True) -> Array:
+                     vocab_major: bool = True, softcap: float | None = None) -> Array:
     """Sum over positions of ``weights * (logsumexp(logits) - logits[target])``, float32.
 
     hidden [B, T, E] (final-normed), w the output layer ([vocab, E] when ``vocab_major``, the tied embedding
-    table; else [E, vocab]), targets int [B, T], weights float [B, T]. Logits are float32 and exist for
-    ``chunk`` positions at a time (all T when None; T is padded to a multiple); positions with weight 0
-    contribute nothing.
+    table; else [E, vocab]), targets int [B, T], weights float [B, T]. Logits are float32, soft-capped to
+    ``softcap * tanh(logits / softcap)`` when given (the model's ``final_softcap``), and exist for ``chunk``
+    positions at a time (all T when None; T is padded to a multiple); positions with weight 0 contribute nothing.
     """
     t = hidden.shape[1]
     chunk = t if chunk is None else max(1, min(chunk, t))
-    return _nll_sum(hidden, w, targets, weights.astype(jnp.float32), chunk, vocab_major)
+    return _nll_sum(hidden, w, targets, weights.astype(jnp.float32), chunk, vocab_major, softcap)
 
 
 def _chunks(x: Array, chunk: int) -> Array:
@@ -54,9 +56,9 @@ def _chunked(chunk: int, *xs: Array) -> tuple[Array, ...]:
     return tuple(_chunks(x, chunk) for x in xs)
 
 
-def _logits(h: Array, w: Array, vocab_major: bool) -> Array:
+def _logits(h: Array, w: Array, vocab_major: bool, cap: float | None) -> Array:
     logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab"))
+    return softcap(constrain(logits, ("batch", "length", "vocab")), cap)
 
 
 def _chunk_nll(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
@@ -66,26 +68,31 @@ def _chunk_nll(logits: Array, targets: Array, weights: Array) -> tuple[Array, Ar
     return jnp.where(weights != 0, (lse - picked) * weights, 0.0), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool,
+             cap: float | None) -> Array:
     def body(total: Array, xs: tuple) -> tuple[Array, None]:
         h, tgt, wt = xs
-        nll, _ = _chunk_nll(_logits(h, w, vocab_major), tgt, wt)
+        nll, _ = _chunk_nll(_logits(h, w, vocab_major, cap), tgt, wt)
         return total + jnp.sum(nll), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunked(chunk, hidden, targets, weights))
     return total
 
 
-def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool) -> tuple:
+def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool,
+                 cap: float | None) -> tuple:
     def body(carry: tuple, xs: tuple) -> tuple[tuple, Array]:
         total, dw = carry
         h, tgt, wt = xs
-        logits = _logits(h, w, vocab_major)
+        logits = _logits(h, w, vocab_major, cap)
         nll, lse = _chunk_nll(logits, tgt, wt)
         probs = jnp.exp(logits - lse[..., None])
         onehot = jnp.arange(logits.shape[-1]) == tgt[..., None]
-        g = jnp.where((wt != 0)[..., None], (probs - onehot) * wt[..., None], 0.0).astype(h.dtype)
+        g = (probs - onehot) * wt[..., None]
+        if cap is not None:  # logits = cap * tanh(raw / cap): d/draw = 1 - (logits / cap)^2
+            g = g * (1.0 - jnp.square(logits / cap))
+        g = jnp.where((wt != 0)[..., None], g, 0.0).astype(h.dtype)
         dh = jnp.einsum("bcv,ve->bce" if vocab_major else "bcv,ev->bce", g, w, preferred_element_type=jnp.float32)
         dw = dw + jnp.einsum("bcv,bce->ve" if vocab_major else "bcv,bce->ev", g, h,
                              preferred_element_type=jnp.float32)
@@ -100,7 +107,7 @@ def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk:
     return total, (dh, dw.astype(w.dtype))
 
 
-def _nll_sum_bwd(chunk: int, vocab_major: bool, res: tuple, ct: Array) -> tuple:
+def _nll_sum_bwd(chunk: int, vocab_major: bool, cap: float | None, res: tuple, ct: Array) -> tuple:
     dh, dw = res
     return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), None, None
 

@@ -5,6 +5,8 @@ SFT, float32 ``loss_weights`` aligned to predicting token t + 1 from t. Position
 lie in the same segment (``data.packing.next_token_targets``), times ``loss_weights`` when present.
 The loss is (sum of weighted nll) / (sum of weights), computed over the whole batch even when it is split
 into micro-batches, so accumulation over k micro-batches equals one big batch up to float rounding.
+Held-out batches may carry int32 ``bytes`` (UTF-8 bytes each token covers); the eval step then also sums the
+weighted bytes of the targets, for bits per byte.
 """
 
 from __future__ import annotations
@@ -28,14 +30,21 @@ from clp_jax.train.state import TrainState, state_shardings
 Batch = Mapping[str, jax.Array]
 
 
-def loss_sums(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted next-token nll, sum of weights), float32; the model computes in ``cfg.dtype``."""
-    hidden = models.hidden_states(params, cfg, batch["tokens"], batch.get("positions"), batch["segment_ids"])
+def target_weights(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Next-token targets and their float32 weights: same segment, times ``loss_weights`` when present."""
     targets, weights = token_targets(batch["tokens"], batch["segment_ids"])
     if "loss_weights" in batch:
         weights = weights * batch["loss_weights"].astype(jnp.float32)
+    return targets, weights
+
+
+def loss_sums(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted next-token nll, sum of weights), float32; the model computes in ``cfg.dtype``."""
+    hidden = models.hidden_states(params, cfg, batch["tokens"], batch.get("positions"), batch["segment_ids"])
+    targets, weights = target_weights(batch)
     w, vocab_major = models.output_layer(params, cfg)
-    return weighted_nll_sum(hidden, w, targets, weights, cfg.logits_chunk, vocab_major), jnp.sum(weights)
+    return (weighted_nll_sum(hidden, w, targets, weights, cfg.logits_chunk, vocab_major, cfg.final_softcap),
+            jnp.sum(weights))
 
 
 def loss_fn(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -123,14 +132,24 @@ def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformat
                    donate_argnums=(0,), compiler_options=dict(compiler_options) if compiler_options else None)
 
 
+def target_bytes(batch: Batch) -> jax.Array:
+    """Sum of the weights times the ``bytes`` of each target (token t + 1), float32; 0 when the batch has none."""
+    if "bytes" not in batch:
+        return jnp.zeros((), jnp.float32)
+    _, weights = target_weights(batch)
+    next_bytes, _ = token_targets(batch["bytes"], batch["segment_ids"])  # bytes[:, t + 1] at t
+    return jnp.sum(weights * next_bytes.astype(jnp.float32))
+
+
 def make_eval_step(cfg: TransformerConfig, mesh: Mesh) -> Callable:
-    """Jitted ``(params, batch) -> (loss_sum, tokens)``, float32 scalars, for a token-weighted eval loss."""
+    """Jitted ``(params, batch) -> {"loss_sum", "tokens", "bytes"}``, float32 scalars, for a token-weighted eval
+    loss and bits per byte."""
     param_shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return loss_sums(params, cfg, batch)
+            total, tokens = loss_sums(params, cfg, batch)
+        return {"loss_sum": total, "tokens": tokens, "bytes": target_bytes(batch)}
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, _input_sharding(mesh)),
-                   out_shardings=(replicated, replicated))
+    return jax.jit(eval_step, in_shardings=(param_shardings, _input_sharding(mesh)), out_shardings=replicated)

@@ -233,3 +233,61 @@ def align_vocabularies(source_tok: Any, target_tok: Any, mode: str = "auto") -> 
         target_vocab_size=len(target_tok),
         source_vocab_size=len(source_tok),
     )
+
+
+def _utf8_runs(data: bytes) -> list[str | int]:
+    """``data`` split into maximal valid UTF-8 texts and the single bytes between them (as ints)."""
+    parts: list[str | int] = []
+    while data:
+        try:
+            parts.append(data.decode("utf-8"))
+            break
+        except UnicodeDecodeError as e:
+            if e.start:
+                parts.append(data[: e.start].decode("utf-8"))
+            parts.extend(data[e.start : e.end])
+            data = data[e.end :]
+    return parts
+
+
+def _encode_texts(tok: Any, style: str, texts: list[str]) -> list[list[int]]:
+    """Source ids of each text, spelled exactly: a SentencePiece-style tokenizer's model runs on the text with
+    spaces as '▁' (its normalizer would prefix word-internal text with a dummy '▁'); others encode plainly."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if style == "sentencepiece" and backend is not None:
+        return [[t.id for t in backend.model.tokenize(text.replace(" ", _SP_SPACE))] for text in texts]
+    return [list(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def fvt_pieces(source_tok: Any, target_tok: Any, vocab_size: int, skip: np.ndarray | None = None) -> np.ndarray:
+    """[vocab_size, P] source ids (-1 pads) of each target token's text encoded by the source tokenizer (FVT).
+
+    The text is the token's canonical bytes (``Ġ`` / ``▁`` / ``##`` / ``<0xNN>`` undone), encoded without
+    special tokens; bytes that are not valid UTF-8 on their own map to the source's single-byte token, if it
+    has one. Special tokens, ids in ``skip`` (e.g. the overlap) and ids past the tokenizer get no pieces; so
+    do texts that encode to nothing.
+    """
+    source_style, target_style = tokenizer_style(source_tok), tokenizer_style(target_tok)
+    source_specials = _special_ids(source_tok)
+    source_keys = _keys(source_tok, source_style, "canonical", source_specials)
+    single_byte: dict[int, int] = {}
+    for source_id, key in sorted(source_keys.items()):
+        if isinstance(key, bytes) and len(key) == 1:
+            single_byte.setdefault(key[0], source_id)
+    skipped = set() if skip is None else {int(i) for i in skip}
+    texts = {i: key for i, key in _keys(target_tok, target_style, "canonical", _special_ids(target_tok)).items()
+             if i < vocab_size and i not in skipped and isinstance(key, bytes)}
+    runs = {i: _utf8_runs(text) for i, text in texts.items()}
+    strings = sorted({part for parts in runs.values() for part in parts if isinstance(part, str)})
+    pieces_of = dict(zip(strings, _encode_texts(source_tok, source_style, strings)))
+    rows: dict[int, list[int]] = {}
+    for i, parts in runs.items():
+        ids: list[int] = []
+        for part in parts:
+            ids += pieces_of[part] if isinstance(part, str) else [single_byte.get(part, -1)]
+        rows[i] = [s for s in ids if s >= 0 and s not in source_specials]
+    width = max((len(r) for r in rows.values()), default=0)
+    table = np.full((vocab_size, max(width, 1)), -1, np.int64)
+    for i, r in rows.items():
+        table[i, : len(r)] = r
+    return table

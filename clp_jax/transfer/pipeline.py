@@ -28,19 +28,19 @@ def embedding_paths(cfg: TransformerConfig) -> tuple[tuple[str, ...], ...]:
 
 
 def transfer_params(params: dict, cfg: TransformerConfig, helper_embedding: Any, alignment: VocabAlignment,
-                    target_vocab_size: int, *, strategy: str = "clp", mesh: Mesh, seed: int = 0,
-                    block_size: int = 1024, top_k: int = 10,
-                    temperature: float = 0.1) -> tuple[dict, TransformerConfig, TransferStats]:
+                    target_vocab_size: int, *, strategy: str = "clp", mesh: Mesh,
+                    **options: Any) -> tuple[dict, TransformerConfig, TransferStats]:
     """Target-language parameters: ``params`` with its embedding matrices re-initialized for the target vocab.
 
-    ``params`` needs only the embedding subtrees; any other entries pass through unchanged.
+    ``params`` needs only the embedding subtrees; any other entries pass through unchanged. ``options`` are
+    ``init_target_embeddings``'s keywords (seed, block_size, top_k, pieces, center_helper, match_norms, ...).
     """
     source = [params["embed"]["embedding"]]
     if not cfg.tie_word_embeddings:
         source.append(params["lm_head"]["kernel"].T)  # [E, V] -> rows per token
     outputs, stats = init_target_embeddings(
         strategy, source, helper_embedding, alignment.target_ids, alignment.source_ids, target_vocab_size,
-        mesh=mesh, seed=seed, block_size=block_size, top_k=top_k, temperature=temperature)
+        mesh=mesh, **options)
     new = {k: v for k, v in params.items()}
     new["embed"] = {**params["embed"], "embedding": outputs[0]}
     if not cfg.tie_word_embeddings:
