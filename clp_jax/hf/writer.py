@@ -1,8 +1,9 @@
 """Write parameters back as a Hugging Face model dir that transformers loads.
 
-Safetensors (sharded above ``max_shard_size``, with an index), config.json, generation_config.json and
-tokenizer files go into a temporary dir next to the target, renamed into place at the end: a failure
-leaves nothing half-written. Parameters are gathered to the host one tensor at a time.
+Safetensors (streamed tensor by tensor, sharded above ``max_shard_bytes``, with an index), config.json,
+generation_config.json and tokenizer files go into a temporary dir next to the target, renamed into place at
+the end: a failure leaves nothing half-written. Parameters are gathered to the host one tensor at a time, and
+only one is held there at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from clp_jax import models
 from clp_jax.errors import ClpError
+from clp_jax.hf.safetensors_stream import write_shards
 from clp_jax.models.config import NP_DTYPES, TransformerConfig
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
@@ -75,36 +77,18 @@ def hf_tensors(params: dict, cfg: TransformerConfig) -> Iterable[tuple[str, np.n
 
 def _write_safetensors(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,
                        total: int) -> None:
-    from safetensors.numpy import save_file
-
-    shards: list[list[str]] = []
-    pending: dict[str, np.ndarray] = {}
-    size = grand_total = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        if pending:
-            save_file(pending, os.path.join(tmp, f"shard-{len(shards):05d}.tmp"), metadata={"format": "pt"})
-            shards.append(list(pending))
-            pending, size = {}, 0
-
-    for name, arr in tqdm(tensors, total=total, desc="write safetensors", unit="tensor", leave=False):
-        if pending and size + arr.nbytes > max_shard_bytes:
-            flush()
-        pending[name] = arr
-        size += arr.nbytes
-        grand_total += arr.nbytes
-    flush()
+    """Safetensors in ``tmp``, streamed one tensor at a time (sharded above ``max_shard_bytes``, with an index)."""
+    stream = tqdm(tensors, total=total, desc="write safetensors", unit="tensor", leave=False)
+    shards, where, grand_total = write_shards(tmp, stream, total, max_shard_bytes)
     if len(shards) == 1:
-        os.rename(os.path.join(tmp, "shard-00000.tmp"), os.path.join(tmp, "model.safetensors"))
+        os.rename(shards[0], os.path.join(tmp, "model.safetensors"))
         return
-    weight_map = {}
-    for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.rename(os.path.join(tmp, f"shard-{i:05d}.tmp"), os.path.join(tmp, final))
-        weight_map.update({n: final for n in names})
+    finals = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for path, final in zip(shards, finals):
+        os.rename(path, os.path.join(tmp, final))
     _write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                {"metadata": {"total_size": grand_total}, "weight_map": weight_map})
+                {"metadata": {"total_size": grand_total},
+                 "weight_map": {name: finals[int(i)] for name, i in where.items()}})
 
 
 def _write_json(path: str, data: Any) -> None:
