@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +15,82 @@ from typing import IO, Any
 from clp_jax.errors import ClpError
 
 
+def umask() -> int:
+    """The process umask: from /proc/self/status where Linux has it, else set to 0 and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open`` or ``mkdir`` would give a new file or dir: 0o666 or 0o777 less the umask
+    (tempfile's mkstemp and mkdtemp give 0o600 and 0o700)."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
+def _host() -> str:
+    return platform.node() or "host"
+
+
+def _temp_base(path: str | os.PathLike) -> str:
+    return f".{os.path.basename(os.path.abspath(path))}.tmp-"
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of this process's hidden temp files and dirs next to ``path``: ``.NAME.tmp-HOST-PID-``."""
+    return f"{_temp_base(path)}{_host()}-{os.getpid()}-"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Delete the temp files and dirs that killed writers of ``path`` left next to it: only siblings named
+    ``.NAME.tmp-HOST-PID-*`` of this host whose process is gone (a running writer's and other hosts' stay)."""
+    parent, base = os.path.dirname(os.path.abspath(path)), _temp_base(path)
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(base)]
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(base):].rsplit("-", 2)  # HOST, PID, mkstemp's random letters
+        if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit() or _running(int(parts[1])):
+            continue
+        leftover = os.path.join(parent, name)
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(leftover)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
-    """Open a temp file next to ``path`` (parents created); on success fsync it and ``os.replace`` it onto
-    ``path``, on any error delete it and leave ``path`` as it was."""
+    """Open a temp file ``.NAME.tmp-HOST-PID-*`` next to ``path`` (parents created, killed writers' leftovers
+    removed first: ``remove_leftovers``); on success give it the umask's permissions, fsync it and ``os.replace``
+    it onto ``path``, on any error delete it and leave ``path`` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path))
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding, newline=newline) as f:
+            os.fchmod(f.fileno(), default_mode())
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -38,12 +106,22 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         json.dump(data, f, indent=2, ensure_ascii=False)
 
 
-def read_lines(path: str) -> list[str]:
-    """Non-empty lines of a UTF-8 text file; a missing, empty or undecodable file is a ClpError."""
+def require_file(path: str | os.PathLike, what: str = "data file") -> None:
+    """A ClpError unless ``path`` is a file: it says whether it is a directory or missing."""
+    if os.path.isdir(path):
+        raise ClpError(f"{path}: is a directory, not a {what}")
     if not os.path.isfile(path):
-        raise ClpError(f"{path}: data file not found")
-    with open(path, "rb") as f:
-        raw = f.read()
+        raise ClpError(f"{path}: {what} not found")
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file; a missing, unreadable, empty or undecodable file is a ClpError."""
+    require_file(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ClpError(f"{path}: cannot read data file ({e.strerror or e})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 import yaml
 from conftest import WORDS_EN, make_sentences
 from hf_models import make_hf_model
@@ -41,8 +42,8 @@ def test_eval_prints_json_and_saves_config(en_gpt2_dir, tmp_path, capsys, en_tok
     assert saved["batch_size"] == 3 and saved["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
     saved_result = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert saved_result["loss"] == result["loss"] and saved_result["bits_per_byte"] == result["bits_per_byte"]
-    code, out2, _ = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size", 12],
-                            capsys)
+    code, out2, _ = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size",
+                             100000], capsys)  # capped at the 13 documents: the same 16 rows as --batch-size 12
     assert abs(json.loads(out2.strip().splitlines()[-1])["loss"] - result["loss"]) < 1e-6
 
 
@@ -57,6 +58,7 @@ def test_eval_errors(en_gpt2_dir, tmp_path, capsys, en_tokenizer):
     cases = [
         (["--model", tmp_path / "missing", "--data", empty], "missing: model directory not found"),
         (["--model", en_gpt2_dir, "--data", tmp_path / "none.txt", "--seq-len", 32], "none.txt: data file not found"),
+        (["--model", en_gpt2_dir, "--data", tmp_path, "--seq-len", 32], "is a directory, not a data file"),
         (["--model", en_gpt2_dir, "--data", empty, "--seq-len", 32], "empty.txt: data file is empty"),
         (["--model", en_gpt2_dir, "--data", bad, "--seq-len", 32], "bad.txt: line 2 is not valid UTF-8"),
         (["--model", small, "--data", bad, "--seq-len", 32], "tokenizer has"),
@@ -71,3 +73,37 @@ def test_eval_errors(en_gpt2_dir, tmp_path, capsys, en_tokenizer):
         assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
         assert out == ""
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_batch_that_does_not_fit_is_refused_before_compiling(en_gpt2_dir, tmp_path, capsys, monkeypatch,
+                                                                  en_tokenizer):
+    from clp_jax.eval import perplexity
+    from clp_jax.hf.reader import read_config
+    from clp_jax.sharding import make_mesh
+
+    data = tmp_path / "text.txt"
+    lines = make_sentences(WORDS_EN, 13, seed=9)
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg, mesh = read_config(en_gpt2_dir), make_mesh(data=-1)
+    docs, _, _ = perplexity.encode_documents(en_tokenizer, lines, 32)
+    length = perplexity._bucket(max(len(d) for d in docs), 32)
+    free = perplexity.eval_device_bytes(cfg, mesh, 8, length) + 1  # one row per device fits, two do not
+    assert perplexity.eval_device_bytes(cfg, mesh, 16, length) > free
+    monkeypatch.setattr(perplexity, "device_budget", lambda mesh: (free, "test budget"))
+    monkeypatch.setattr(perplexity, "load_params", lambda *a, **k: pytest.fail("loaded the weights anyway"))
+    code, out, err = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32, "--batch-size", 13],
+                             capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert f"eval batch of 13 documents x {length} tokens needs about" in err and "test budget" in err, err
+    assert "pass --batch-size 8 or less" in err, err
+    monkeypatch.setattr(perplexity, "device_budget", lambda mesh: (1, "test budget"))
+    code, _, err = run_cli(["eval", "--model", en_gpt2_dir, "--data", data, "--seq-len", 32], capsys)
+    assert code == 2 and "pass a smaller --seq-len" in err, err
+
+
+def test_device_budget_on_cpu_is_a_share_of_available_host_ram():
+    from clp_jax.memory import device_budget, host_available_bytes
+    from clp_jax.sharding import make_mesh
+
+    free, source = device_budget(make_mesh(data=-1))
+    assert 0 < free * 8 <= host_available_bytes() and "8 CPU devices" in source

@@ -140,6 +140,10 @@ def test_cli_errors(en_gpt2_dir, tmp_path, capsys):
         (["--model", str(tmp_path / "missing"), "--prompt", "x"], "missing: model directory not found"),
         (["--model", str(en_gpt2_dir), "--prompt", "x", "--max-new-tokens", "100"], "learned positions"),
         (["--model", str(en_gpt2_dir), "--prompt", "x", "--chat", "--max-new-tokens", "0"], "--max-new-tokens"),
+        *[(["--model", str(en_gpt2_dir), "--prompt", "x", f"--temperature={t}"], "--temperature must be a finite")
+          for t in ("nan", "inf", "-inf", "-0.5")],
+        (["--model", str(en_gpt2_dir), "--prompt", "x", "--top-k", "0"], "--top-k must be >= 1"),
+        (["--model", str(en_gpt2_dir), "--prompt", "x", "--top-k=-3"], "--top-k must be >= 1"),
     ]
     for argv, fragment in cases:
         code = main(["generate", *argv])

@@ -158,6 +158,20 @@ def test_mesh_that_does_not_divide_the_devices_fails_before_compiling(tmp_path, 
     assert "mesh" in err and "8 devices" in err and "Traceback" not in err
 
 
+def test_seq_len_past_learned_positions_or_batch_the_mesh_cannot_split_fail_before_starting(tmp_path, capsys):
+    config = make_train_config(tmp_path, steps=4)
+    cases = [("data.seq_len=128", "data.seq_len 128 exceeds the model's 64 learned positions"),
+             ("data.batch_size=12", "data.batch_size 12 is not a multiple of grad_accum_steps (1) x mesh data*fsdp "
+                                    "(8*1) = 8; use data.batch_size=8 or 16"),
+             ("grad_accum_steps=2", "data.batch_size 8 is not a multiple of grad_accum_steps (2)")]
+    capsys.readouterr()
+    for override, fragment in cases:
+        assert main(["train", "--config", config, override]) == 2, override
+        out, err = capsys.readouterr()
+        assert fragment in err and len(err.strip().splitlines()) == 1 and out == "", err
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on localhost) give the losses of 1 process x 8 devices."""
     import portpicker

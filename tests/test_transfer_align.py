@@ -309,6 +309,24 @@ def test_special_tokens_are_matched_by_role(toks):
     assert back.special["eos"]["applied"] and not back.special["bos"]["applied"]
 
 
+def test_a_special_of_the_same_string_wins_over_the_role_match(toks):
+    """SmolLM2-like source: <|endoftext|> is special, but eos is <|im_end|>; the target's <|endoftext|> (its eos)
+    takes the source's <|endoftext|>."""
+    src = byte_level(ENGLISH_TEXT)
+    src.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    src.bos_token, src.eos_token = "<|im_start|>", "<|im_end|>"
+    tgt = toks["bl_de"]
+    alignment = align_vocabularies(src, tgt)
+    pairs = dict(zip(alignment.target_ids.tolist(), alignment.source_ids.tolist(), strict=True))
+    eot = src.convert_tokens_to_ids("<|endoftext|>")
+    assert pairs[tgt.eos_token_id] == eot != src.eos_token_id
+    entry = alignment.special["eos"]
+    assert entry["source_token"] == "<|endoftext|>" and entry["source_id"] == eot
+    assert entry["matched_by"] == "string" and entry["applied"]
+    back = align_vocabularies(tgt, src)  # the other way: <|im_end|> has no same-string special, so eos by role
+    assert back.special["eos"]["matched_by"] == "role" and back.special["eos"]["source_token"] == "<|endoftext|>"
+
+
 def test_special_tokens_never_match_ordinary_tokens(toks):
     src = byte_level(ENGLISH_TEXT)
     src.add_tokens(["<s>", "</s>", "<pad>"])  # ordinary tokens spelled like the target's specials

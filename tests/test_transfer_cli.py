@@ -1,6 +1,7 @@
 """`clp-jax transfer` end to end: transformers loads the result; weights follow the CLP formula exactly."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -90,13 +91,19 @@ def test_clp_transfer_matches_formula_and_loads_in_transformers(dirs, tmp_path, 
 @pytest.mark.parametrize("strategy", ["clp-topk", "clp-sparsemax", "random", "mean", "overlap", "from-scratch"])
 def test_every_strategy_writes_a_loadable_model(dirs, tmp_path, capsys, strategy, de_tokenizer):
     out = tmp_path / strategy
-    code, _, err = transfer(["--source", dirs / "llama-src", "--helper", dirs / "helper", "--out", out,
-                             "--strategy", strategy], capsys)
+    code, stdout, err = transfer(["--source", dirs / "llama-src", "--helper", dirs / "helper", "--out", out,
+                                  "--strategy", strategy], capsys)
     assert code == 0, err
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.get_input_embeddings().weight.shape[0] == len(de_tokenizer)
     report = json.loads((out / "transfer_report.json").read_text())
     assert report["strategy"] == strategy
+    result = json.loads(stdout.strip().splitlines()[-1])  # rows copied from the source; tokens both vocabularies have
+    assert result["overlap"] == report["overlap"] and (strategy != "from-scratch" or report["overlap"] == 0)
+    assert result["shared_tokens"] == report["shared_tokens"] == report["alignment"]["overlap"] > 0
+    positions = json.loads((dirs / "llama-src" / "config.json").read_text())["max_position_embeddings"]
+    max_length = transformers.AutoTokenizer.from_pretrained(out).model_max_length
+    assert max_length == positions != de_tokenizer.model_max_length
     src = load_file(str(dirs / "llama-src" / "model.safetensors"))
     got = load_file(str(out / "model.safetensors"))
     layer = "model.layers.0.mlp.up_proj.weight"
@@ -140,6 +147,45 @@ def test_bad_input(dirs, tmp_path, capsys, de_tokenizer):
     code, _, err = transfer(["--source", dirs / "gpt2-src", "--helper", tmp_path / "lonely", "--out",
                              tmp_path / "o4", "--strategy", "random"], capsys)
     assert code == 0, err  # strategies without a helper work without shared tokens
+
+
+def test_an_unwritable_output_fails_before_computing_and_write_errors_leave_nothing(dirs, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import errno
+
+    from clp_jax.hf import writer
+    from clp_jax.transfer import run
+
+    args = ["--source", dirs / "gpt2-src", "--helper-tokenizer", dirs / "helper", "--strategy", "random"]
+    (tmp_path / "file").write_text("not a dir")
+    (tmp_path / "ro").mkdir()
+    real_mkdtemp, real_usage = writer.tempfile.mkdtemp, shutil.disk_usage
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(run, "transfer_params", lambda *a, **k: pytest.fail("computed before checking the output"))
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", denied)  # a read-only parent (root ignores chmod)
+    code, out, err = transfer([*args, "--out", tmp_path / "ro" / "o"], capsys)
+    assert code == 2 and out == "" and err.strip().splitlines() == [
+        f"clp-jax transfer: error: {tmp_path / 'ro' / 'o'}: cannot write the output: Permission denied "
+        f"({tmp_path / 'ro'}); nothing was written"], err
+    monkeypatch.setattr(writer.tempfile, "mkdtemp", real_mkdtemp)
+    code, out, err = transfer([*args, "--out", tmp_path / "file" / "o"], capsys)
+    assert code == 2 and "cannot write the output: File exists" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    code, out, err = transfer([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and f"MiB but {tmp_path} has only 0.0 MiB free" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.undo()
+    monkeypatch.setattr(writer, "_write_json", full)  # the disk fills up while writing
+    code, out, err = transfer([*args, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
+        f"clp-jax transfer: error: {tmp_path / 'o'}: cannot write the output: No space left on device "
+        f"({tmp_path / 'o' / 'config.json'}); nothing was written"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ro"]
 
 
 def test_cross_style_transfer_uses_canonical_matching(dirs, tmp_path, capsys, en_tokenizer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from typing import Any
@@ -54,8 +55,8 @@ def eos_ids(model_dir: str, tokenizer: Any) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     positive("--max-new-tokens", args.max_new_tokens)
-    if args.temperature < 0:
-        raise ClpError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ClpError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
     if args.top_k is not None:
         positive("--top-k", args.top_k)
     cfg = read_config(args.model, dtype=args.dtype)

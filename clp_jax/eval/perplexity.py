@@ -30,6 +30,7 @@ from clp_jax.errors import ClpError
 from clp_jax.files import read_lines
 from clp_jax.hf.reader import load_params, read_config
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
+from clp_jax.memory import device_budget, format_bytes
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
 
@@ -121,6 +122,40 @@ def eval_rows(mesh: Mesh, batch_size: int) -> int:
     return -(-batch_size // divisor) * divisor
 
 
+def _eval_bytes(cfg: TransformerConfig, mesh: Mesh, length: int) -> tuple[float, float]:
+    """(bytes per batch row, bytes of the parameter share) on one device, for batches of ``length`` tokens."""
+    tensor = mesh.shape["tensor"]
+    act = jnp.dtype(cfg.compute_dtype).itemsize
+    per_token = 4 * cfg.vocab_size / tensor + act * (4 * cfg.hidden_size + (2 * cfg.intermediate_size
+                                                                            + cfg.num_heads * length) / tensor)
+    params = cfg.num_params() * jnp.dtype(cfg.weight_dtype).itemsize / (mesh.shape["fsdp"] * tensor)
+    return length * per_token, params
+
+
+def eval_device_bytes(cfg: TransformerConfig, mesh: Mesh, batch_size: int, length: int) -> int:
+    """Rough bytes one device needs for an eval batch of ``length`` tokens: its rows' float32 logits, one layer's
+    activations and attention scores, and its share of the parameters (XLA's other temporaries come on top)."""
+    per_row, params = _eval_bytes(cfg, mesh, length)
+    return int(eval_rows(mesh, batch_size) // batch_divisor(mesh) * per_row + params)
+
+
+def check_eval_fits(cfg: TransformerConfig, mesh: Mesh, batch_size: int, length: int) -> None:
+    """A ClpError, before anything is compiled, when ``eval_device_bytes`` exceeds a device's free memory; it
+    names the largest batch size that fits."""
+    budget = device_budget(mesh)
+    need = eval_device_bytes(cfg, mesh, batch_size, length)
+    if budget is None or need <= budget[0]:
+        return
+    free, source = budget
+    per_row, params = _eval_bytes(cfg, mesh, length)
+    fits = max(int((free - params) // per_row), 0) * batch_divisor(mesh)
+    advice = (f"pass --batch-size {fits} or less" if fits else
+              f"even {batch_divisor(mesh)} documents (one per batch device) do not fit; pass a smaller --seq-len")
+    raise ClpError(f"eval batch of {batch_size} documents x {length} tokens needs about {format_bytes(need)} per "
+                   f"device (float32 logits over {cfg.vocab_size} tokens, activations, parameters) but only "
+                   f"{format_bytes(free)} are free ({source}); {advice}")
+
+
 def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.ndarray], *, batch_size: int = 8,
                seq_len: int = 1024, skipped: int = 0, covered_bytes: Sequence[int] | None = None,
                progress: bool = True, step: Callable | None = None) -> PerplexityResult:
@@ -167,6 +202,8 @@ def evaluate_model_dir(model_dir: str, texts: Sequence[str] | str, mesh: Mesh, *
     docs, covered, skipped = encode_documents(tokenizer, texts, seq_len)
     if not docs:
         raise ClpError(f"{data_name}: no document has 2 or more tokens")
+    batch_size = min(batch_size, len(docs))  # rows past the documents would only be padding
+    check_eval_fits(model_cfg, mesh, batch_size, _bucket(max(len(d) for d in docs), seq_len))
     model_cfg, params = load_params(model_dir, mesh, model_cfg, progress=progress)
     return perplexity(params, model_cfg, mesh, docs, batch_size=batch_size, seq_len=seq_len, skipped=skipped,
                       covered_bytes=covered, progress=progress)

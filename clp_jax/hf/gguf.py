@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clp_jax.errors import ClpError
+from clp_jax.files import require_file
 from clp_jax.models.config import NP_DTYPES
 
 
@@ -77,8 +78,7 @@ def open_gguf(path: str) -> GgufFile:
     """The memory-mapped file and its metadata as Python values; a missing, non-GGUF or truncated file is a ClpError."""
     import gguf
 
-    if not os.path.isfile(path):
-        raise ClpError(f"{path}: GGUF file not found")
+    require_file(path, "GGUF file")
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ClpError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")

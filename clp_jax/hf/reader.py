@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Collection, Iterator
 from typing import Any
 
@@ -19,7 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from clp_jax import models
-from clp_jax.errors import ClpError
+from clp_jax.errors import ClpError, ClpWarning
 from clp_jax.models.config import DTYPES, NP_DTYPES, TransformerConfig
 from clp_jax.models.weights import WeightSpec
 from clp_jax.sharding import tree_shardings
@@ -46,12 +48,25 @@ def read_config_dict(model_dir: str) -> dict[str, Any]:
     return data
 
 
-def read_config(model_dir: str, dtype: str | None = None, param_dtype: str | None = None) -> TransformerConfig:
-    """Our ``TransformerConfig`` for an HF model dir (param dtype = the checkpoint's unless asked)."""
+def dropout_rates(raw: dict[str, Any]) -> dict[str, float]:
+    """The config's non-zero dropout rates (``*dropout*``, ``*pdrop*``), but those of heads we never build."""
+    return {k: v for k, v in raw.items() if re.search(r"dropout|pdrop", k) and not k.startswith(("summary_",
+            "classifier_")) and isinstance(v, int | float) and not isinstance(v, bool) and v > 0}
+
+
+def read_config(model_dir: str, dtype: str | None = None, param_dtype: str | None = None,
+                warn_dropout: bool = False) -> TransformerConfig:
+    """Our ``TransformerConfig`` for an HF model dir (param dtype = the checkpoint's unless asked); with
+    ``warn_dropout`` (for training), a ClpWarning when config.json sets dropout, which is not implemented."""
     import transformers
 
     raw = read_config_dict(model_dir)
     path = os.path.join(model_dir, "config.json")
+    rates = dropout_rates(raw)
+    if warn_dropout and rates:
+        listed = ", ".join(f"{k}={v}" for k, v in sorted(rates.items()))
+        warnings.warn(f"{path}: sets dropout ({listed}); clp-jax implements no dropout and ignores it, so "
+                      "training runs without dropout", ClpWarning, stacklevel=2)
     model_type = raw["model_type"]
     try:
         family = models.family(model_type)

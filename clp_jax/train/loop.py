@@ -25,7 +25,7 @@ from clp_jax.hf.reader import load_params, read_config, read_config_dict
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.hf.writer import save_pretrained
 from clp_jax.models.config import TransformerConfig
-from clp_jax.sharding import batch_sharding, mesh_from_config
+from clp_jax.sharding import batch_divisor, batch_sharding, mesh_from_config
 from clp_jax.train.checkpoint import Checkpointer
 from clp_jax.train.config import DistributedSection, TrainConfig
 from clp_jax.train.flops import train_step_flops
@@ -89,10 +89,25 @@ def evaluate(params: Any, eval_step: Any, data: Data, mesh: jax.sharding.Mesh, m
 
 
 def _model_config(cfg: TrainConfig) -> tuple[TransformerConfig, str]:
-    stored = read_config(cfg.model.init)
+    stored = read_config(cfg.model.init, warn_dropout=True)
     model_cfg = stored.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
                                logits_chunk=cfg.model.logits_chunk)
     return model_cfg, stored.param_dtype
+
+
+def check_shapes(cfg: TrainConfig, model_cfg: TransformerConfig, mesh: jax.sharding.Mesh) -> None:
+    """A ClpError before anything runs for a seq_len past the model's learned positions or a batch the mesh and
+    gradient accumulation cannot split evenly."""
+    seq_len, positions = cfg.data.seq_len, model_cfg.max_position_embeddings
+    if model_cfg.position == "learned" and seq_len > positions:
+        raise ClpError(f"{cfg.model.init}: data.seq_len {seq_len} exceeds the model's {positions} learned positions; "
+                       f"set data.seq_len={positions} or less")
+    rows, accum = cfg.data.batch_size, cfg.grad_accum_steps
+    need = accum * batch_divisor(mesh)
+    if rows % need:
+        options = " or ".join(str(n) for n in (rows // need * need, -(-rows // need) * need) if n)
+        raise ClpError(f"data.batch_size {rows} is not a multiple of grad_accum_steps ({accum}) x mesh data*fsdp "
+                       f"({mesh.shape['data']}*{mesh.shape['fsdp']}) = {need}; use data.batch_size={options}")
 
 
 class Trainer:
@@ -102,11 +117,12 @@ class Trainer:
         initialize_distributed(cfg.distributed)
         self.cfg, self.progress = cfg, progress and jax.process_index() == 0
         self.mesh = mesh_from_config(cfg.mesh)
+        self.model_cfg, self.export_dtype = _model_config(cfg)
+        check_shapes(cfg, self.model_cfg, self.mesh)
         os.makedirs(cfg.run_dir, exist_ok=True)
         if jax.process_index() == 0:
             save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         self.tokenizer = load_tokenizer(cfg.model.init)
-        self.model_cfg, self.export_dtype = _model_config(cfg)
         check_tokenizer_fits(self.tokenizer, self.model_cfg.vocab_size, cfg.model.init)
         self.data = build_data(cfg.data, self.tokenizer, steps=cfg.steps)
         _say("data:\n" + self.data.format_report())

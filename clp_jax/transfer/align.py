@@ -1,7 +1,8 @@
 """Token alignment between a source tokenizer and a target (helper) tokenizer.
 
 Tokens are matched by exact string when both tokenizers share a style, and by canonical
-UTF-8 bytes (with b" " marking a word start) across styles. Special tokens are matched by role.
+UTF-8 bytes (with b" " marking a word start) across styles. Special tokens are matched by identical string,
+else by role.
 """
 
 from __future__ import annotations
@@ -159,23 +160,29 @@ class VocabAlignment:
         }
 
 
-def _match_specials(source_tok: Any, target_tok: Any) -> tuple[dict[str, dict], dict[int, int]]:
-    """Pair bos/eos/pad/unk by role; a target id used by several roles takes the earliest role's pair."""
+def _match_specials(source_tok: Any, target_tok: Any, same_string: dict[int, int]
+                    ) -> tuple[dict[str, dict], dict[int, int]]:
+    """Pair bos/eos/pad/unk: a target special that is also a source special of the same string (``same_string``,
+    target id -> source id) keeps that source id, others take the source's token of the same role; a target id
+    used by several roles takes the earliest role's pair."""
     special: dict[str, dict] = {}
     pairs: dict[int, int] = {}
     for role in SPECIAL_ROLES:
         target_id = getattr(target_tok, f"{role}_token_id", None)
         source_id = getattr(source_tok, f"{role}_token_id", None)
-        if target_id is None or source_id is None:
+        if target_id is None or (source_id is None and target_id not in same_string):
             continue
+        matched_by = "string" if target_id in same_string else "role"
+        source_id = same_string.get(target_id, source_id)
         applied = target_id not in pairs
         if applied:
             pairs[int(target_id)] = int(source_id)
         special[role] = {
             "target_token": getattr(target_tok, f"{role}_token"),
             "target_id": int(target_id),
-            "source_token": getattr(source_tok, f"{role}_token"),
+            "source_token": source_tok.convert_ids_to_tokens(int(source_id)),
             "source_id": int(source_id),
+            "matched_by": matched_by,
             "applied": applied,
         }
     return special, pairs
@@ -185,8 +192,9 @@ def align_vocabularies(source_tok: Any, target_tok: Any, mode: str = "auto") -> 
     """Pair every target token that has a source counterpart; mode is "auto", "exact" or "canonical".
 
     Several source tokens can share a canonical key (e.g. 'A' and '<0x41>'); the winner is the one whose
-    string equals the target token, else a non-byte-fallback token, else the lowest id. Specials are
-    matched by role, or by identical string to a source special; never to ordinary tokens.
+    string equals the target token, else a non-byte-fallback token, else the lowest id. A special token takes the
+    source special of the identical string, else the source's token of its role (bos/eos/pad/unk); never an
+    ordinary token.
     """
     if mode not in MODES:
         raise ValueError(f"unknown alignment mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -206,19 +214,16 @@ def align_vocabularies(source_tok: Any, target_tok: Any, mode: str = "auto") -> 
     for source_id, key in _keys(source_tok, source_style, mode, source_specials).items():
         candidates.setdefault(key, []).append(source_id)
 
-    pairs: dict[int, int] = {}
-    for token, target_id in target_vocab.items():
-        if target_id in target_specials:
-            source_id = source_vocab.get(token)
-            if source_id in source_specials:
-                pairs[target_id] = source_id
+    same_string = {target_id: source_vocab[token] for token, target_id in target_vocab.items()
+                   if target_id in target_specials and source_vocab.get(token) in source_specials}
+    pairs: dict[int, int] = dict(same_string)
     for target_id, key in _keys(target_tok, target_style, mode, target_specials).items():
         options = candidates.get(key)
         if not options:
             continue
         token = target_tokens[target_id]
         pairs[target_id] = min(options, key=lambda s: (source_tokens[s] != token, s in byte_fallback, s))
-    special, role_pairs = _match_specials(source_tok, target_tok)
+    special, role_pairs = _match_specials(source_tok, target_tok, same_string)
     pairs.update(role_pairs)
 
     target_ids = np.array(sorted(pairs), dtype=np.int64)

@@ -23,8 +23,14 @@ from clp_jax.config import ConfigModel, config_to_dict
 from clp_jax.errors import ClpError
 from clp_jax.hf.reader import TensorFiles, hf_key, load_params, read_config, read_config_dict
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
-from clp_jax.hf.writer import DEFAULT_MAX_SHARD_BYTES, hf_config_dict, save_pretrained, write_model_dir
-from clp_jax.models.config import TransformerConfig
+from clp_jax.hf.writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    check_writable,
+    hf_config_dict,
+    save_pretrained,
+    write_model_dir,
+)
+from clp_jax.models.config import NP_DTYPES, TransformerConfig
 from clp_jax.sharding import MeshConfig, mesh_from_config
 from clp_jax.transfer.align import VocabAlignment, align_vocabularies, fvt_pieces
 from clp_jax.transfer.embeddings import HELPER_STRATEGIES, MAX_NORM_FACTOR, MIN_MEAN_COS, RULE
@@ -114,6 +120,7 @@ def _report(cfg: TransferConfig, alignment: VocabAlignment, stats, timings: dict
         "strategy": cfg.strategy, "source": os.path.abspath(cfg.source),
         "helper": os.path.abspath(cfg.helper) if cfg.helper else None,
         "target_tokenizer": os.path.abspath(cfg.helper_tokenizer or cfg.helper),
+        "shared_tokens": len(alignment.target_ids),
         "source_vocab_size": source_cfg.vocab_size, "target_vocab_size": target.vocab_size,
         "tied_embeddings": target.tie_word_embeddings, "dtype": target.param_dtype,
         "alignment": alignment.to_report(), "timings_s": {k: round(v, 3) for k, v in timings.items()},
@@ -155,6 +162,8 @@ def run_transfer(cfg: TransferConfig) -> dict:
     check_tokenizer_fits(source_tok, source_cfg.vocab_size, cfg.source)
     emb = helper_embedding(cfg.helper, len(target_tok)) if cfg.helper else None
     target_vocab = emb.shape[0] if emb is not None else len(target_tok)
+    check_writable(cfg.out, _output_bytes(source_cfg, target_vocab))
+    target_tok.model_max_length = source_cfg.max_position_embeddings  # the target has the source's positions
     alignment = align_vocabularies(source_tok, target_tok, cfg.matching)
     pieces = None
     if cfg.strategy == "fvt":
@@ -202,9 +211,15 @@ def run_transfer(cfg: TransferConfig) -> dict:
         timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     _say(f"wrote {cfg.out}")
-    return {"out": cfg.out, "strategy": cfg.strategy, "overlap": len(alignment.target_ids),
-            "target_vocab_size": target_vocab, "degenerate_rows": stats.n_degenerate if stats else 0,
-            "seconds": round(timings["total"], 3)}
+    return {"out": cfg.out, "strategy": cfg.strategy, "overlap": stats.n_overlap if stats else 0,
+            "shared_tokens": len(alignment.target_ids), "target_vocab_size": target_vocab,
+            "degenerate_rows": stats.n_degenerate if stats else 0, "seconds": round(timings["total"], 3)}
+
+
+def _output_bytes(source_cfg: TransformerConfig, target_vocab: int) -> int:
+    """The target checkpoint's size: the source's parameters with the target's vocabulary, in the source dtype."""
+    itemsize = np.dtype(NP_DTYPES[source_cfg.param_dtype]).itemsize
+    return source_cfg.replace(vocab_size=target_vocab).num_params() * itemsize
 
 
 def _generation_config(model_dir: str) -> dict | None:
