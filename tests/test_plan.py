@@ -167,3 +167,11 @@ def test_paper_configs_exist():
 ])
 def test_xla_out_of_memory_messages(message, needed):
     assert plan_module._xla_oom_bytes(message) == needed
+
+
+def test_one_chip_table_serves_mfu_and_plan():
+    from clp_jax.chips import chip_for_device_kind
+
+    assert chip_for_device_kind("TPU v5 lite").peak_flops == CHIPS["v5e"].peak_flops == 197e12
+    assert chip_for_device_kind("TPU v5").hbm_bytes == CHIPS["v5p"].hbm_bytes
+    assert chip_for_device_kind("NVIDIA H200").peak_flops == 989e12 and chip_for_device_kind("cpu") is None

@@ -11,18 +11,15 @@ from typing import Any
 import jax
 import numpy as np
 
-# Dense bf16 peak FLOP/s per chip, for MFU on accelerators (vendor figures).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
-              "TPU v5": 459e12}  # v5p reports "TPU v5"; checked after "TPU v5 lite"
+from clp_jax.chips import chip_for_device_kind
 
 
 def device_peak_flops(measure_seconds: float = 1.0) -> tuple[float, str]:
     """Peak FLOP/s of all devices together: a vendor figure for known accelerators, else a measured matmul rate."""
     kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return peak * jax.device_count(), f"{kind} (vendor bf16 peak)"
+    chip = chip_for_device_kind(kind)
+    if chip is not None:
+        return chip.peak_flops * jax.device_count(), f"{kind} (vendor bf16 peak)"
     return measure_matmul_flops(measure_seconds), f"{kind} (measured float32 matmul)"
 
 

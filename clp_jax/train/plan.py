@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from clp_jax.chips import CHIPS as ALL_CHIPS
+from clp_jax.chips import GIB, TPU_GENERATIONS, Chip
 from clp_jax.errors import ClpError
 from clp_jax.hf.reader import read_config
 from clp_jax.models.config import TransformerConfig
@@ -34,25 +36,7 @@ from clp_jax.train.optimizer import make_optimizer
 from clp_jax.train.state import abstract_state
 from clp_jax.train.step import check_batch_shape, make_train_step
 
-GIB = 1024**3
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One TPU generation: HBM per chip, dense bf16 peak FLOP/s per chip, libtpu's chip configuration."""
-
-    hbm_bytes: int
-    peak_flops: float
-    chip_config: str | None = None  # v4: one JAX device per chip (megacore), as on a v4 VM
-
-
-# Vendor figures (Cloud TPU docs).
-CHIPS: dict[str, Chip] = {
-    "v4": Chip(32 * GIB, 275e12, "megacore"),
-    "v5e": Chip(16 * GIB, 197e12),
-    "v5p": Chip(95 * GIB, 459e12),
-    "v6e": Chip(32 * GIB, 918e12),
-}
+CHIPS: dict[str, Chip] = {g: ALL_CHIPS[g] for g in TPU_GENERATIONS}  # the TPU rows of the one chip table
 TOPOLOGY_EXAMPLES = ("v5e:2x2", "v5e:16x16", "v4:2x2x2", "v4:4x4x8", "v5p:4x4x4", "v6e:8x8")
 # What libtpu looks up about the TPU attached to this host when it loads; on a host without one it logs errors.
 _STANDALONE_HOST_ENV = {"TPU_WORKER_HOSTNAMES": "localhost", "TPU_HOST_BOUNDS": "1,1,1",

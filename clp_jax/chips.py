@@ -1,0 +1,36 @@
+"""Vendor figures of accelerator chips: the one table that MFU (train metrics) and `clp-jax plan` read."""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator: JAX device_kind prefixes, dense bf16 peak FLOP/s and HBM per chip, libtpu's chip config."""
+
+    device_kinds: tuple[str, ...]
+    peak_flops: float
+    hbm_bytes: int
+    chip_config: str | None = None  # v4: one JAX device per chip (megacore), as on a v4 VM
+
+
+# Cloud TPU docs and NVIDIA datasheets (dense bf16, no sparsity).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip(("TPU v4",), 275e12, 32 * GIB, "megacore"),
+    "v5e": Chip(("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB),
+    "v5p": Chip(("TPU v5p", "TPU v5"), 459e12, 95 * GIB),  # v5p devices report "TPU v5"
+    "v6e": Chip(("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB),
+    "a100": Chip(("NVIDIA A100",), 312e12, 80 * GIB),
+    "h100": Chip(("NVIDIA H100",), 989e12, 80 * GIB),
+    "h200": Chip(("NVIDIA H200",), 989e12, 141 * GIB),
+}
+TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
+
+
+def chip_for_device_kind(kind: str) -> Chip | None:
+    """The chip whose longest device_kind prefix starts ``kind`` (so "TPU v5 lite" is v5e, not v5p)."""
+    matches = [(len(p), c) for c in CHIPS.values() for p in c.device_kinds if kind.startswith(p)]
+    return max(matches, key=lambda m: m[0])[1] if matches else None
