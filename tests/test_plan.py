@@ -175,3 +175,19 @@ def test_one_chip_table_serves_mfu_and_plan():
     assert chip_for_device_kind("TPU v5 lite").peak_flops == CHIPS["v5e"].peak_flops == 197e12
     assert chip_for_device_kind("TPU v5").hbm_bytes == CHIPS["v5p"].hbm_bytes
     assert chip_for_device_kind("NVIDIA H200").peak_flops == 989e12 and chip_for_device_kind("cpu") is None
+
+
+def test_tpu_host_is_recognized_from_the_pci_bus_or_accel_nodes(tmp_path):
+    from clp_jax.train.plan import host_has_tpu
+
+    sysfs, dev = tmp_path / "pci", tmp_path / "dev"
+    (sysfs / "0000:00:04.0").mkdir(parents=True)
+    (sysfs / "0000:00:04.0" / "vendor").write_text("0x8086\n")
+    dev.mkdir()
+    assert not host_has_tpu(str(sysfs), str(dev))
+    (sysfs / "0000:00:05.0").mkdir()
+    (sysfs / "0000:00:05.0" / "vendor").write_text("0x1ae0\n")
+    assert host_has_tpu(str(sysfs), str(dev))
+    (sysfs / "0000:00:05.0" / "vendor").write_text("0x10de\n")
+    (dev / "accel0").write_text("")
+    assert host_has_tpu(str(sysfs), str(dev))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import importlib.util
 import math
 import os
@@ -121,19 +122,22 @@ def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None or os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))
 
 
-def _host_has_tpu() -> bool:
-    try:
-        from jax._src import hardware_utils
-
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # a private helper: when it moves, assume a TPU host (libtpu then just logs more)
-        return True
+def host_has_tpu(sysfs: str = "/sys/bus/pci/devices", dev: str = "/dev") -> bool:
+    """Whether a TPU is attached: a Google (PCI vendor 0x1ae0) device on the PCI bus, or /dev/accel* nodes."""
+    for vendor in glob.glob(os.path.join(sysfs, "*", "vendor")):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip().lower() == "0x1ae0":
+                    return True
+        except OSError:
+            continue
+    return bool(glob.glob(os.path.join(dev, "accel*")))
 
 
 @contextlib.contextmanager
 def _quiet_libtpu_load() -> Iterator[None]:
     """While libtpu loads on a host without TPUs, describe the host to it so it does not log errors."""
-    if _host_has_tpu() or any(k in os.environ for k in (*_STANDALONE_HOST_ENV, "TPU_ACCELERATOR_TYPE")):
+    if host_has_tpu() or any(k in os.environ for k in (*_STANDALONE_HOST_ENV, "TPU_ACCELERATOR_TYPE")):
         yield
         return
     os.environ.update(_STANDALONE_HOST_ENV)
