@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import pydantic
@@ -35,8 +35,8 @@ from clp_jax.data.sources import SourceConfig
 from clp_jax.errors import ClpError
 from clp_jax.fetch import fetch
 from clp_jax.files import read_lines, write_json
-from clp_jax.hf.reader import read_config
-from clp_jax.hf.writer import save_pretrained
+from clp_jax.hf.reader import dropout_rates, read_config
+from clp_jax.hf.writer import hf_config_dict, save_pretrained
 from clp_jax.models.config import TransformerConfig
 from clp_jax.posttrain.tasks import math_problems, write_jsonl
 from clp_jax.sharding import MeshConfig, make_mesh, tree_shardings
@@ -64,10 +64,10 @@ class DemoHelper(ConfigModel):
     """The target tokenizer's size and the small GPT-2 helper pretrained here on the training text."""
 
     vocab_size: int = pydantic.Field(16384, ge=260)
-    layers: int = pydantic.Field(4, ge=1)
-    width: int = pydantic.Field(256, ge=8)
-    heads: int = pydantic.Field(4, ge=1)
-    steps: int = pydantic.Field(300, ge=1)
+    layers: int = pydantic.Field(2, ge=1)
+    width: int = pydantic.Field(128, ge=8)
+    heads: int = pydantic.Field(2, ge=1)
+    steps: int = pydantic.Field(150, ge=1)
     batch_size: int = pydantic.Field(16, ge=1)
     seq_len: int = pydantic.Field(128, ge=2)
     learning_rate: float = pydantic.Field(3e-3, gt=0)
@@ -77,7 +77,7 @@ class DemoHelper(ConfigModel):
 class DemoSft(ConfigModel):
     """The SFT round: English + target-language math word problems, loss on responses only."""
 
-    steps: int = pydantic.Field(12, ge=1)
+    steps: int = pydantic.Field(8, ge=1)
     english: int = pydantic.Field(200, ge=1)  # training examples
     target: int = pydantic.Field(50, ge=1)
     eval_examples: int = pydantic.Field(16, ge=1)  # held out per language
@@ -86,30 +86,42 @@ class DemoSft(ConfigModel):
     learning_rate: float = pydantic.Field(1e-4, gt=0)
 
 
-def _demo_train() -> StudyTrain:
-    return StudyTrain(steps=24, eval_every=8, seq_len=64, batch_size=8, learning_rate=3e-4)
+class DemoEval(StudyEval):
+    """Held-out evaluation (study transfer's), sized for a CPU."""
+
+    seq_len: int | None = pydantic.Field(128, ge=2)
+
+
+class DemoTrain(StudyTrain):
+    """Continued pretraining of the compared strategies (study transfer's), sized for a CPU."""
+
+    steps: int = pydantic.Field(20, ge=1)
+    eval_every: int = pydantic.Field(5, ge=1)
+    seq_len: int = pydantic.Field(64, ge=2)
+    batch_size: int = pydantic.Field(8, ge=1)
+    learning_rate: float = pydantic.Field(3e-4, gt=0)
 
 
 class DemoConfig(ConfigModel):
     """The demo's inputs (a source HF dir, a target-language text file) and the size of every stage."""
 
-    source: str
-    text: str
-    source_name: str = SOURCE_MODEL
+    source: str | None = None  # HF dir; None: fetch smollm2-135m (resolve_inputs)
+    text: str | None = None  # one document per line; None: fetch wiki-<language>
+    source_name: str | None = None  # in the report; None: the fetched name or the dir's name
     language: str = "fr"
     out: str = "demo_out"
     held_out_docs: int = pydantic.Field(64, ge=1)
-    eval: StudyEval = StudyEval(seq_len=128)
+    eval: DemoEval = DemoEval()
     strategies: list[str] = pydantic.Field(default_factory=lambda: list(DEFAULT_STRATEGIES), min_length=1)
     compare: list[str] = pydantic.Field(default_factory=lambda: ["clp", "from-scratch", "mean"])  # trained too
     helper: DemoHelper = DemoHelper()
-    train: StudyTrain = pydantic.Field(default_factory=_demo_train)
+    train: DemoTrain = DemoTrain()
     sft: DemoSft = DemoSft()
 
 
-QUICK = ["held_out_docs=16", "eval.seq_len=64", "strategies=[clp, mean, from-scratch]", "helper.vocab_size=4096",
-         "helper.layers=2", "helper.width=64", "helper.heads=2", "helper.steps=20", "train.steps=2",
-         "train.eval_every=1", "sft.steps=2", "sft.english=16", "sft.target=8", "sft.eval_examples=4"]
+QUICK = ["held_out_docs=16", "eval.seq_len=64", "strategies=[clp, mean, from-scratch]", "compare=[from-scratch]",
+         "helper.vocab_size=4096", "helper.width=64", "helper.steps=20", "train.steps=2", "train.eval_every=1",
+         "train.seq_len=32", "sft.steps=2", "sft.english=16", "sft.target=8", "sft.eval_examples=4", "sft.seq_len=64"]
 """Overrides of `--quick`: a smoke test of every stage in a couple of minutes."""
 
 
@@ -117,10 +129,16 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def demo_inputs(language: str, cache_dir: str | None = None) -> tuple[str, str]:
-    """(source model dir, target-language text file), fetched into the cache unless cached: SmolLM2-135M and the
-    Wikipedia summaries of ``language``."""
-    return fetch(SOURCE_MODEL, cache_dir), fetch(f"wiki-{language}", cache_dir)
+def resolve_inputs(cfg: DemoConfig, cache_dir: str | None = None) -> DemoConfig:
+    """``cfg`` with its source dir and text file set: those not given are fetched into the cache (SmolLM2-135M,
+    the Wikipedia summaries of ``cfg.language``) unless cached there."""
+    update: dict[str, Any] = {"source_name": cfg.source_name or (
+        os.path.basename(os.path.normpath(cfg.source)) if cfg.source else SOURCE_MODEL)}
+    if cfg.source is None:
+        update["source"] = fetch(SOURCE_MODEL, cache_dir)
+    if cfg.text is None:
+        update["text"] = fetch(f"wiki-{cfg.language}", cache_dir)
+    return cfg.model_copy(update=update)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
@@ -151,11 +169,14 @@ def small_gpt2(vocab_size: int, layers: int, width: int, heads: int, positions: 
 
 
 def write_random_model(path: str, cfg: TransformerConfig, tokenizer: Any, seed: int) -> None:
-    """A randomly initialized model as an HF dir with ``tokenizer`` (where the helper's pretraining starts)."""
+    """A randomly initialized model as an HF dir with ``tokenizer`` (where the helper's pretraining starts); its
+    config.json sets no dropout, as clp-jax trains without."""
     mesh = make_mesh(data=-1)
     shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
     params = jax.jit(lambda k: models.init_params(cfg, k), out_shardings=shardings)(jax.random.key(seed))
-    save_pretrained(path, params, cfg, tokenizer=tokenizer, overwrite=True)
+    base = hf_config_dict(cfg, tokenizer=tokenizer)
+    base.update(dict.fromkeys(dropout_rates(base), 0.0))
+    save_pretrained(path, params, cfg, base_config=base, tokenizer=tokenizer, overwrite=True)
 
 
 def use_compilation_cache(path: str) -> None:
@@ -167,19 +188,35 @@ def use_compilation_cache(path: str) -> None:
 
 
 class _Stages:
-    """Wall seconds per stage, announced as each starts."""
+    """Wall seconds per stage, announced as each starts: measured when a stage is made, kept in timings.json from
+    the run that made it when it is reused."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path, self.start = path, time.perf_counter()
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.made: dict[str, float] = json.load(f)
+        except (OSError, ValueError):
+            self.made = {}
         self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
+        self.reused: dict[str, bool] = {}
 
-    def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        _say(f"{name} (at {(time.perf_counter() - self.start) / 60:.1f} min)")
+    def run(self, key: str, label: str, fn: Callable[[], tuple[Any, bool]]) -> Any:
+        """``fn()``'s result; ``fn`` returns (result, whether it was reused)."""
+        _say(f"{label} (at {(time.perf_counter() - self.start) / 60:.1f} min)")
         t = time.perf_counter()
-        result = fn()
-        self.seconds[name] = round(time.perf_counter() - t, 1)
-        _say(f"{name}: {self.seconds[name]:.0f} s")
+        result, reused = fn()
+        took = round(time.perf_counter() - t, 1)
+        _say(f"{label}: {took:.0f} s")
+        self.reused[key] = reused
+        self.seconds[key] = self.made[key] if reused and key in self.made else took
+        self.made[key] = self.seconds[key]
+        write_json(self.path, self.made)
         return result
+
+    def minutes(self) -> float:
+        """This run's wall minutes so far."""
+        return (time.perf_counter() - self.start) / 60
 
 
 def _split(cfg: DemoConfig) -> dict[str, Any]:
@@ -196,8 +233,9 @@ def _split(cfg: DemoConfig) -> dict[str, Any]:
     return {**paths, "train_texts": train, "train_key": texts_hash(train), "documents": [len(train), len(held)]}
 
 
-def _tokenizer(cfg: DemoConfig, split: dict) -> tuple[str, dict]:
-    """The target tokenizer dir, trained on the training text (reused while the text and size are unchanged)."""
+def _tokenizer(cfg: DemoConfig, split: dict) -> tuple[tuple[str, dict], bool]:
+    """(the target tokenizer dir, its config), trained on the training text unless the text and size are
+    unchanged; and whether it was reused."""
     path = os.path.join(cfg.out, "tokenizer")
     conf = {"train": split["train_key"], "vocab_size": cfg.helper.vocab_size}
 
@@ -207,13 +245,15 @@ def _tokenizer(cfg: DemoConfig, split: dict) -> tuple[str, dict]:
         tok.save_pretrained(path)
         return {"vocab_size": len(tok)}
 
-    result, _ = reuse_or_make(os.path.join(cfg.out, "tokenizer.json"), "tokenizer", conf, make,
-                              artifact=os.path.join(path, "tokenizer.json"), say=_say)
-    return path, {**conf, **result}
+    result, reused = reuse_or_make(os.path.join(cfg.out, "tokenizer.json"), "tokenizer", conf, make,
+                                   artifact=os.path.join(path, "tokenizer.json"), say=_say)
+    return (path, {**conf, **result}), reused
 
 
-def _helper(cfg: DemoConfig, split: dict, tokenizer_dir: str, tokenizer_conf: dict) -> tuple[str, dict, bool]:
-    """The helper GPT-2 pretrained on the training text (exported HF dir, its summary, whether it was reused)."""
+def _helper(cfg: DemoConfig, split: dict, tokenizer_dir: str,
+            tokenizer_conf: dict) -> tuple[tuple[str, dict], bool]:
+    """(the exported HF dir of the helper GPT-2 pretrained on the training text, its summary); whether it was
+    reused."""
     from clp_jax.hf.tokenizer import load_tokenizer
 
     h, d = cfg.helper, os.path.join(cfg.out, "helper")
@@ -244,14 +284,14 @@ def _helper(cfg: DemoConfig, split: dict, tokenizer_dir: str, tokenizer_conf: di
 
     result, reused = reuse_or_make(os.path.join(d, "helper.json"), "helper pretraining", conf, make,
                                    artifact=os.path.join(final, "config.json"), say=_say)
-    return final, result, reused
+    return (final, result), reused
 
 
 def _study_config(cfg: DemoConfig, helper_dir: str, split: dict, strategies: list[str],
                   train: StudyTrain) -> TransferStudyConfig:
     return TransferStudyConfig(source=cfg.source, helper=helper_dir, data=split["train"], held_out=split["held_out"],
                                language=cfg.language, out=os.path.join(cfg.out, "study"), strategies=strategies,
-                               eval=cfg.eval, train=train)
+                               eval=StudyEval(**config_to_dict(cfg.eval)), train=train)
 
 
 def _read_results(study_dir: str) -> dict:
@@ -259,9 +299,9 @@ def _read_results(study_dir: str) -> dict:
         return json.load(f)
 
 
-def _sft(cfg: DemoConfig, model_dir: str, model_key: str) -> dict:
-    """English + target-language math SFT of ``model_dir``; held-out response loss and bpb per language, before
-    and after."""
+def _sft(cfg: DemoConfig, model_dir: str, model_key: str) -> tuple[dict, bool]:
+    """English + target-language math SFT of ``model_dir``: held-out response loss and bpb per language, before
+    and after; and whether it was reused."""
     s, d = cfg.sft, os.path.join(cfg.out, "sft")
     conf = {"model": model_key, **config_to_dict(s), "language": cfg.language}
 
@@ -290,8 +330,7 @@ def _sft(cfg: DemoConfig, model_dir: str, model_key: str) -> dict:
                                      for when, r in (("before", evals[0]), ("after", evals[-1]))}
                               for lang in ("en", cfg.language)}}
 
-    result, _ = reuse_or_make(os.path.join(d, "sft.json"), "SFT round", conf, make, say=_say)
-    return result
+    return reuse_or_make(os.path.join(d, "sft.json"), "SFT round", conf, make, say=_say)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -299,35 +338,42 @@ def run_demo(cfg: DemoConfig) -> dict:
     summary the CLI prints."""
     from clp_jax.demo_report import write_report
 
+    if cfg.source is None or cfg.text is None:
+        raise ClpError("the demo needs a source model dir and a text file (resolve_inputs fetches them)")
     missing = [name for name in cfg.compare if name not in cfg.strategies]
     if missing:
         raise ClpError(f"compare: {', '.join(missing)} not among the strategies ({', '.join(cfg.strategies)})")
     os.makedirs(cfg.out, exist_ok=True)
     save_config(cfg, os.path.join(cfg.out, "config.yaml"))
     use_compilation_cache(os.path.abspath(os.path.join(cfg.out, "xla_cache")))
-    stages = _Stages()
-    split = stages.run("split", lambda: _split(cfg))
-    tok_dir, tok_conf = stages.run("tokenizer", lambda: _tokenizer(cfg, split))
-    helper_dir, helper, helper_reused = stages.run("helper pretraining", lambda: _helper(cfg, split, tok_dir,
-                                                                                         tok_conf))
+    stages = _Stages(os.path.join(cfg.out, "timings.json"))
+    split = stages.run("split", "split", lambda: (_split(cfg), False))
+    tok_dir, tok_conf = stages.run("tokenizer", "tokenizer", lambda: _tokenizer(cfg, split))
+    helper_dir, helper = stages.run("helper", "helper pretraining", lambda: _helper(cfg, split, tok_dir, tok_conf))
     study_dir = os.path.join(cfg.out, "study")
-    if not helper_reused and os.path.isdir(study_dir):
+    if not stages.reused["helper"] and os.path.isdir(study_dir):
         _say("the helper changed: the study's parts made from the old one are removed")
         shutil.rmtree(study_dir)
-    stages.run("step-0 study", lambda: run_study(_study_config(cfg, helper_dir, split, cfg.strategies,
-                                                               StudyTrain(steps=0))))
+    stages.run("step0", "step-0 study", lambda: _study(_study_config(cfg, helper_dir, split, cfg.strategies,
+                                                                      StudyTrain(steps=0))))
     step0 = _read_results(study_dir)
     trained = list(dict.fromkeys([step0["ranking"][0], *cfg.compare]))
-    train = cfg.train.model_copy(update={"export_final": True})
-    stages.run(f"continued pretraining of {', '.join(trained)}",
-               lambda: run_study(_study_config(cfg, helper_dir, split, trained, train)))
+    train = StudyTrain(**{**config_to_dict(cfg.train), "export_final": True})
+    stages.run("train", f"continued pretraining of {', '.join(trained)}",
+               lambda: _study(_study_config(cfg, helper_dir, split, trained, train)))
     curves = _read_results(study_dir)
     best = curves["ranking"][0]
     best_dir = os.path.join(study_dir, "strategies", best)
     with open(os.path.join(best_dir, "train.json"), encoding="utf-8") as f:
         best_key = json.load(f)["key"]
-    sft = stages.run(f"SFT round on {best}", lambda: _sft(cfg, os.path.join(best_dir, "train", "hf", "final"),
-                                                          best_key))
-    source = {"name": cfg.source_name, "params": read_config(cfg.source).num_params(), "dir": cfg.source}
-    return write_report(cfg, source, helper, step0, curves, sft, stages.seconds,
-                        time.perf_counter() - stages.start)
+    sft = stages.run("sft", f"SFT round on {best}", lambda: _sft(cfg, os.path.join(best_dir, "train", "hf", "final"),
+                                                                 best_key))
+    source = {"name": cfg.source_name, "params": read_config(cfg.source).num_params()}
+    helper = {**helper, "vocab_size": tok_conf["vocab_size"], "train_documents": split["documents"][0]}
+    return write_report(cfg, source, helper, step0, curves, sft, stages.seconds, stages.minutes())
+
+
+def _study(cfg: TransferStudyConfig) -> tuple[dict, bool]:
+    """`run_study`'s summary, and whether every part was reused."""
+    summary = run_study(cfg)
+    return summary, not any(summary["redone"].values())

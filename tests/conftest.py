@@ -96,3 +96,23 @@ def en_gpt2_dir(tmp_path_factory, en_tokenizer):
 @pytest.fixture(scope="session")
 def de_tokenizer():
     return train_byte_level_tokenizer(make_sentences(WORDS_DE, 400, seed=1), vocab_size=320)
+
+
+# `clp-jax demo` sized for tests: a German text, 4 strategies, one-layer helper, 4 training steps, 2 SFT steps.
+DEMO_TINY = ["language=de", "held_out_docs=20", "eval.seq_len=32", "strategies=[clp,mean,from-scratch,random]",
+             "helper.vocab_size=320", "helper.layers=1", "helper.width=16", "helper.heads=2", "helper.steps=4",
+             "helper.batch_size=8", "helper.seq_len=32", "train.steps=4", "train.eval_every=2", "train.seq_len=32",
+             "train.batch_size=8", "train.learning_rate=1e-3", "sft.steps=2", "sft.english=16", "sft.target=8",
+             "sft.eval_examples=4", "sft.seq_len=64"]
+
+
+@pytest.fixture(scope="session")
+def demo_inputs(tmp_path_factory, en_tokenizer):
+    """Stand-ins for the demo's fetched inputs: a tiny random Llama with the English tokenizer, German text."""
+    from hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("demo_inputs")
+    make_hf_model("llama-tied", vocab_size=len(en_tokenizer)).save_pretrained(root / "source")
+    en_tokenizer.save_pretrained(root / "source")
+    (root / "de.txt").write_text("\n".join(make_sentences(WORDS_DE, 300, seed=3)) + "\n", encoding="utf-8")
+    return root / "source", root / "de.txt"
