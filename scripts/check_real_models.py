@@ -26,10 +26,11 @@ LANGS = ("en", "fr", "es")
 
 
 def held_out(text_file: str, n: int) -> list[str]:
-    """The last ``n`` non-empty lines (the held-out split every real-model check and the demo use)."""
-    with open(text_file, encoding="utf-8") as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
-    return lines[-n:]
+    """The last ``n`` non-empty lines: the held-out split of `clp-jax study transfer` and the demo."""
+    from clp_jax.files import read_lines
+    from clp_jax.transfer.study import split_held_out
+
+    return split_held_out(read_lines(text_file), None, n, text_file)[1]
 
 
 def ours(model_dir: str, texts: list[str], seq_len: int, batch_size: int) -> dict:
@@ -95,6 +96,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clp_jax.fetch import fetch, read_manifest
+    from clp_jax.files import write_json
 
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
@@ -117,10 +119,7 @@ def main() -> int:
                 ref["relative_difference"] = abs(mine["loss"] - ref["loss"]) / ref["loss"]
                 row["reference"] = ref
             results[key] = row
-            tmp = results_path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(results, f, indent=2)
-            os.replace(tmp, results_path)
+            write_json(results_path, results)
     rows = [r for k, r in results.items() if k.endswith(f"/docs={args.docs}/seq={args.seq_len}")]
     print(f"{'model':<20} {'lang':<4} {'loss':>7} {'bpb':>6} {'hf loss':>8} {'rel diff':>9} ids", file=sys.stderr)
     for r in rows:
