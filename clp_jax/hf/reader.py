@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from clp_jax import models
 from clp_jax.errors import ClpError, ClpWarning
 from clp_jax.models.config import DTYPES, NP_DTYPES, TransformerConfig
-from clp_jax.models.weights import WeightSpec
+from clp_jax.models.weights import WeightSpec, lookup
 from clp_jax.sharding import tree_shardings
 
 
@@ -190,17 +190,11 @@ def iter_hf_params(model_dir: str, cfg: TransformerConfig, only: Collection[tupl
         except ValueError:
             parts = None
         for path, part in zip(spec.paths, parts or [None] * len(spec.paths)):
-            want = _lookup(shapes, path).shape
+            want = lookup(shapes, path).shape
             if part is None or part.shape != want:
                 raise ClpError(f"{files.files[key]}: tensor {key!r} has shape {tuple(raw.shape)}, which contradicts "
                                f"config.json (expected parameter {'/'.join(path)} of shape {want})")
             yield path, np.asarray(part, dtype=np_dtype)
-
-
-def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def _insert(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -222,7 +216,7 @@ def load_params(model_dir: str, mesh: Mesh, cfg: TransformerConfig | None = None
     with tqdm(total=n, desc=f"load {os.path.basename(os.path.normpath(model_dir))}", unit="tensor",
               disable=not progress, leave=False) as bar:
         for path, host in iter_hf_params(model_dir, cfg, only):
-            sharding = _lookup(shardings, path)
+            sharding = lookup(shardings, path)
             _insert(params, path, jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
             bar.update(1)
     return cfg, params

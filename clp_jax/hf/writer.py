@@ -25,6 +25,7 @@ from clp_jax.files import default_mode, remove_leftovers, temp_prefix
 from clp_jax.hf.safetensors_stream import write_shards
 from clp_jax.memory import format_bytes
 from clp_jax.models.config import NP_DTYPES, TransformerConfig
+from clp_jax.models.weights import lookup
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -61,18 +62,12 @@ def _to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def hf_tensors(params: dict, cfg: TransformerConfig) -> Iterable[tuple[str, np.ndarray]]:
     """(HF name, host array) for every checkpoint tensor, produced one at a time."""
     family = models.family(cfg.arch)
     np_dtype = NP_DTYPES[cfg.param_dtype]
     for spec in family.weight_specs(cfg):
-        parts = [_to_host(_lookup(params, p)) for p in spec.paths]
+        parts = [_to_host(lookup(params, p)) for p in spec.paths]
         name = spec.hf_name if spec.top_level else family.BASE_PREFIX + spec.hf_name
         yield name, np.ascontiguousarray(spec.to_hf(*parts), dtype=np_dtype)
 

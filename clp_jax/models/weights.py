@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,13 @@ class WeightSpec:
     to_params: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
     top_level: bool = False
+
+
+def lookup(tree: Any, at: Path) -> Any:
+    """The leaf of a nested-dict parameter tree at a path."""
+    for key in at:
+        tree = tree[key]
+    return tree
 
 
 def path(name: str) -> Path:

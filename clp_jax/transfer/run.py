@@ -31,6 +31,7 @@ from clp_jax.hf.writer import (
     write_model_dir,
 )
 from clp_jax.models.config import NP_DTYPES, TransformerConfig
+from clp_jax.models.weights import lookup
 from clp_jax.sharding import MeshConfig, mesh_from_config
 from clp_jax.transfer.align import VocabAlignment, align_vocabularies, fvt_pieces
 from clp_jax.transfer.embeddings import HELPER_STRATEGIES, MAX_NORM_FACTOR, MIN_MEAN_COS, RULE
@@ -100,18 +101,12 @@ def streamed_tensors(source_dir: str, cfg: TransformerConfig, target: Transforme
     for key in files.files:
         if key in replaced:
             spec = replaced[key]
-            parts = [np.asarray(jax.device_get(_lookup(params, p))) for p in spec.paths]
+            parts = [np.asarray(jax.device_get(lookup(params, p))) for p in spec.paths]
             yield key, np.ascontiguousarray(spec.to_hf(*parts))
         elif cfg.tie_word_embeddings and key == "lm_head.weight":
             continue  # tied: transformers rebuilds it from the input embedding
         else:
             yield key, files.get(key)
-
-
-def _lookup(tree: dict, path: tuple[str, ...]):
-    for p in path:
-        tree = tree[p]
-    return tree
 
 
 def _report(cfg: TransferConfig, alignment: VocabAlignment, stats, timings: dict, target: TransformerConfig,
