@@ -56,6 +56,7 @@ from clp_jax.transfer.study import (
     split_held_out,
     texts_hash,
 )
+from clp_jax.transfer.validate import DEFAULT_STRATEGY
 
 SOURCE_MODEL = "smollm2-135m"
 
@@ -113,7 +114,8 @@ class DemoConfig(ConfigModel):
     held_out_docs: int = pydantic.Field(64, ge=1)
     eval: DemoEval = DemoEval()
     strategies: list[str] = pydantic.Field(default_factory=lambda: list(DEFAULT_STRATEGIES), min_length=1)
-    compare: list[str] = pydantic.Field(default_factory=lambda: ["clp", "from-scratch", "mean"])  # trained too
+    # trained too, beside the best at step 0
+    compare: list[str] = pydantic.Field(default_factory=lambda: [DEFAULT_STRATEGY, "clp", "from-scratch", "mean"])
     helper: DemoHelper = DemoHelper()
     train: DemoTrain = DemoTrain()
     sft: DemoSft = DemoSft()

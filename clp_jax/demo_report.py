@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clp_jax.config import config_to_dict
-from clp_jax.eval.report import plot_eval_curves, plot_value_bars, steps_to_reach, steps_to_reach_table
+from clp_jax.eval.curves import plot_eval_curves, plot_value_bars, steps_to_reach, steps_to_reach_table
 from clp_jax.files import atomic_open, write_json
 from clp_jax.transfer.study_report import cell
+from clp_jax.transfer.validate import DEFAULT_STRATEGY
 
 
 def step0_table(results: dict) -> dict[str, dict[str, float]]:
@@ -22,6 +23,26 @@ def curves_table(results: dict) -> dict[str, list[list[float]]]:
     """{strategy: [[step, loss, bits_per_byte], ...]} of a trained study, best first."""
     rows = {r["name"]: r["curve"] for r in results["strategies"]}
     return {name: [[p["step"], p["loss"], p["bpb"]] for p in rows[name]] for name in results["ranking"]}
+
+
+def default_verdict(step0: dict, curves: dict, default: str,
+                    baselines: Sequence[str] = ("clp", "mean", "from-scratch")) -> dict[str, dict[str, bool]]:
+    """For each baseline trained beside ``default``: whether ``default`` has lower bits per byte at step 0 and at
+    the last eval step."""
+    if default not in curves:
+        return {}
+    return {name: {"step0": step0[default]["bits_per_byte"] < step0[name]["bits_per_byte"],
+                   "final": curves[default][-1][2] < curves[name][-1][2]}
+            for name in baselines if name in curves and name != default}
+
+
+def _verdict_lines(verdict: dict[str, dict[str, bool]], default: str, steps: int) -> list[str]:
+    if not verdict:
+        return [f"The default strategy (`{default}`) was not trained in this run."]
+    word = {True: "lower", False: "**not lower**"}
+    return [f"The default strategy (`{default}`) against each baseline, held-out bits per byte:", "",
+            f"| baseline | at step 0 | after {steps} steps |", "| --- | --- | --- |",
+            *(f"| {name} | {word[v['step0']]} | {word[v['final']]} |" for name, v in verdict.items())]
 
 
 def _reached(step: int | None) -> str:
@@ -70,6 +91,7 @@ def _markdown(cfg: Any, summary: dict, results0: dict, helper: dict) -> list[str
               "step 0.", "", "| strategy | step-0 loss | final loss | final bits per byte |",
               "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {cell(c[0][1])} | {cell(c[-1][1])} | {cell(c[-1][2])} |" for name, c in curves.items()]
+    lines += ["", *_verdict_lines(summary["default"]["beats"], summary["default"]["strategy"], t.steps)]
     lines += ["", "![held-out bits per byte](eval_curves.png)", "",
               "## Steps to reach (the paper's metric)", "",
               f"Measured at the eval steps (every {t.eval_every}); \"not reached\": not within {t.steps} steps.", ""]
@@ -117,6 +139,8 @@ def write_report(cfg: Any, source: dict, helper: dict, results0: dict, results: 
                                               "train_documents": helper.get("train_documents"),
                                               "seq_len": results0["held_out"]["seq_len"]},
                "inputs": {"source": cfg.source, "text": cfg.text}, "config": config_to_dict(cfg)}
+    summary["default"] = {"strategy": DEFAULT_STRATEGY,
+                          "beats": default_verdict(summary["step0"], curves, DEFAULT_STRATEGY)}
     if "from-scratch" in curves:
         target = curves["from-scratch"][-1][1]
         summary["steps_to_from_scratch_final"] = {n: steps_to_reach([(p[0], p[1]) for p in c], target)
@@ -132,6 +156,7 @@ def write_report(cfg: Any, source: dict, helper: dict, results0: dict, results: 
         f.write("\n".join(_markdown(cfg, summary, results0, helper)) + "\n")
     write_json(os.path.join(out, "demo.json"), summary)
     final = {n: c[-1][1] for n, c in curves.items()}
-    return {"out": out, "best": best, "step0_best": summary["best_step0"], "final_loss": final,
+    return {"out": out, "best": best, "step0_best": summary["best_step0"], "default": summary["default"],
+            "final_loss": final,
             "minutes": summary["minutes"], "this_run_minutes": summary["this_run_minutes"],
             "report": os.path.join(out, "report.md"), "demo": os.path.join(out, "demo.json")}

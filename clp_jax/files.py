@@ -100,10 +100,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", newline: str | None = 
         raise
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """``data`` as indented UTF-8 JSON, atomically."""
+def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> None:
+    """``data`` as indented UTF-8 JSON ending in a newline, atomically (the package's one JSON writer)."""
     with atomic_open(path) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
+        json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=sort_keys)
+        f.write("\n")
 
 
 def require_file(path: str | os.PathLike, what: str = "data file") -> None:

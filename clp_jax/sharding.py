@@ -10,6 +10,7 @@ failing). The same model code then runs on one CPU device, a simulated mesh or a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -128,8 +129,9 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 
 def batch_divisor(mesh: Mesh) -> int:
-    """Global batch sizes must be multiples of this (the devices along the batch axes)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """Global batch sizes must be multiples of this: the devices along the mesh axes the rules table gives
+    ``batch``."""
+    return math.prod(mesh.shape[axis] for axis in LOGICAL_AXIS_RULES["batch"] if axis in mesh.shape)
 
 
 def mesh_from_config(cfg: MeshConfig) -> Mesh:

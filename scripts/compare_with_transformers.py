@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import transformers
 
-from clp_jax.cli.common import read_lines
-from clp_jax.cli.demo_cmd import train_tokenizer
 from clp_jax.data.demo_corpus import demo_texts
+from clp_jax.demo import train_tokenizer
 from clp_jax.eval.perplexity import encode_documents, perplexity
+from clp_jax.files import read_lines
 from clp_jax.hf.reader import load_params, read_config
 from clp_jax.hf.tokenizer import load_tokenizer
 from clp_jax.sharding import make_mesh

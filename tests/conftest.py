@@ -99,7 +99,7 @@ def de_tokenizer():
 
 
 # `clp-jax demo` sized for tests: a German text, 4 strategies, one-layer helper, 4 training steps, 2 SFT steps.
-DEMO_TINY = ["language=de", "held_out_docs=20", "eval.seq_len=32", "strategies=[clp,mean,from-scratch,random]",
+DEMO_TINY = ["language=de", "held_out_docs=20", "eval.seq_len=32", "strategies=[fvt,clp,mean,from-scratch,random]",
              "helper.vocab_size=320", "helper.layers=1", "helper.width=16", "helper.heads=2", "helper.steps=4",
              "helper.batch_size=8", "helper.seq_len=32", "train.steps=4", "train.eval_every=2", "train.seq_len=32",
              "train.batch_size=8", "train.learning_rate=1e-3", "sft.steps=2", "sft.english=16", "sft.target=8",

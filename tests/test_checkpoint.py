@@ -2,6 +2,7 @@
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from clp_jax.errors import ClpError
 from clp_jax.sharding import make_mesh, tree_shardings
-from clp_jax.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like
+from clp_jax.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like, state_checksum
 
 LOGGER = "clp_jax.train.checkpoint"
 
@@ -182,6 +183,81 @@ def test_no_restorable_step_is_an_error_not_a_fresh_start(tmp_path, mesh8):
     with Checkpointer(tmp_path) as ckpt, pytest.raises(ClpError, match="none of the checkpoints"):
         ckpt.restore_latest_valid(abstract_like(state))
     assert step_dirs(tmp_path) == [1]  # nothing deleted
+
+
+def numpy_checksum(tree):
+    """The checksum's definition in numpy: per leaf, the wrapping uint32 sum of its elements' bits (each bitcast
+    to an unsigned int of its width), folded FNV-1a style with the leaf index."""
+    acc = 2166136261
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+        bits = np.asarray(leaf).view(f"uint{8 * np.asarray(leaf).dtype.itemsize}")
+        total = int(bits.astype(np.uint64).sum()) % 2**32
+        acc = ((acc ^ ((total + i * 0x9E3779B1) % 2**32)) * 16777619) % 2**32
+    return acc
+
+
+def test_state_checksum_is_exact_sees_a_flipped_bit_and_swapped_leaves_but_not_the_sharding(mesh8):
+    state = make_state(mesh8, seed=5)
+    checksum = state_checksum(state)
+    assert checksum == numpy_checksum(host_copy(state))
+    mesh = make_mesh(1, 2, 4)
+    other = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp", "tensor") if x.ndim else P())),
+                         state)
+    assert state_checksum(other) == checksum
+    w = np.array(state.params["w"])
+    w.view(np.uint32)[3, 5] ^= 1 << 20
+    assert state_checksum(state.replace(params={**state.params, "w": w})) != checksum
+    swapped = state.replace(params={**state.params, "w": state.opt_state["mu"]}, opt_state={"mu": state.params["w"]})
+    assert state_checksum(swapped) != checksum
+
+
+def big_state(mesh, seed):
+    """A state whose float32 leaf (256 KB) Orbax stores outside the CRC-checked b-tree nodes of its OCDBT files."""
+    rng = np.random.default_rng(seed)
+    w = jax.device_put(rng.standard_normal((256, 256), dtype=np.float32), NamedSharding(mesh, P("data", None)))
+    return {"w": w, "step": jax.device_put(jnp.int32(seed), NamedSharding(mesh, P()))}
+
+
+def _flip_a_tensor_byte(step_dir):
+    """Flip one bit in the middle of the largest array data file: inside the (compressed) tensor bytes."""
+    path = max(_array_files(step_dir), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    assert len(data) > 100_000
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@orbax_failed_read_noise
+def test_bit_flipped_latest_step_fails_its_checksum_and_falls_back(tmp_path, mesh8, caplog):
+    old, new = big_state(mesh8, 1), big_state(mesh8, 2)
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1, async_save=False)) as ckpt:
+        ckpt.save(1, old, {"step": 1})
+        ckpt.save(2, new, {"step": 2})
+    _flip_a_tensor_byte(tmp_path / "2")
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1)) as ckpt:
+        with pytest.raises(ClpError, match="checksum mismatch"):
+            ckpt.restore(abstract_like(new), 2)
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            step, restored, _ = ckpt.restore_latest_valid(abstract_like(old))
+        assert step == 1 and ckpt.all_steps() == [1]
+        assert_bit_identical(restored, host_copy(old))
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert any("step 2 " in line and "checksum mismatch" in line and "\n" not in line for line in lines), lines
+
+
+def test_checkpoint_without_a_checksum_or_restored_as_other_dtypes_still_restores(tmp_path, mesh8):
+    state = big_state(mesh8, 3)
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1, async_save=False)) as ckpt:
+        ckpt.save(1, state, {"step": 1})
+        ckpt.save(2, state, {"step": 2})
+    shutil.rmtree(tmp_path / "1" / "checksum")  # as saved before checkpoints had one
+    as_bf16 = {**abstract_like(state), "w": jax.ShapeDtypeStruct((256, 256), jnp.bfloat16,
+                                                                 sharding=state["w"].sharding)}
+    with Checkpointer(tmp_path, CheckpointConfig(every_steps=1)) as ckpt:
+        assert_bit_identical(ckpt.restore(abstract_like(state), 1)[1], host_copy(state))
+        restored = ckpt.restore(as_bf16, 2)[1]  # Orbax casts: the saved checksum does not apply
+        assert restored["w"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(state["w"]).astype(jnp.bfloat16))
 
 
 KILLED_MID_SAVE = """

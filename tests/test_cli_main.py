@@ -1,5 +1,6 @@
 """The `clp-jax` entry point: one error line and exit 2, tracebacks with --debug wherever it is given."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import warnings
 
 import pytest
 
-from clp_jax.cli.main import main
+from clp_jax.cli.main import COMMANDS, build_parser, main
 from clp_jax.errors import ClpError
 
 # scipy (imported by the CLI's modules) reads sys.modules["torch"] once imported, so it is imported first;
@@ -61,3 +62,34 @@ def test_dropout_in_config_json_is_one_warning_line_when_training(tmp_path):
     assert run.returncode == 2 and len(lines) == 2, run.stderr
     assert lines[0].startswith("clp-jax train: warning: ") and "training runs without dropout" in lines[0]
     assert lines[1].startswith("clp-jax train: error: ") and "learned positions" in lines[1]
+
+
+def test_the_parser_for_help_imports_no_heavy_library():
+    code = ("import sys; import clp_jax.cli.main as m; m.build_parser(); "
+            "print(sorted(k for k in ('jax', 'transformers', 'nltk', 'torch') if k in sys.modules))")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_module_has_the_help_line_of_COMMANDS(command):
+    subparsers = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+    assert {a.dest: a.help for a in subparsers._choices_actions} == COMMANDS
+
+
+def test_no_libtpu_errors_on_a_host_without_a_tpu():
+    from clp_jax.cli.main import _jax_plugins_installed
+    from clp_jax.train.plan import host_has_tpu, libtpu_installed
+
+    if not libtpu_installed() or host_has_tpu() or _jax_plugins_installed():
+        pytest.skip("needs libtpu and no other PJRT plugin installed on a host without a TPU")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # conftest sets it for the tests
+    # libtpu logs its errors once past its lock file, which another JAX process may hold (or this host refuse).
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    code = ("import jax; from clp_jax.cli.main import keep_jax_off_libtpu; keep_jax_off_libtpu('eval'); "
+            "print(jax.devices()[0].platform)")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "cpu", run.stderr
+    assert "TPU" not in run.stderr, run.stderr

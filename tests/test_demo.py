@@ -8,9 +8,10 @@ import pytest
 from conftest import DEMO_TINY
 
 from clp_jax.cli.main import main
-from clp_jax.eval.report import steps_to_reach
+from clp_jax.eval.curves import steps_to_reach
+from clp_jax.transfer.validate import DEFAULT_STRATEGY
 
-STRATEGIES = ["clp", "mean", "from-scratch", "random"]  # DEMO_TINY's
+STRATEGIES = ["fvt", "clp", "mean", "from-scratch", "random"]  # DEMO_TINY's
 
 
 def demo(inputs, out, capsys, *extra):
@@ -49,11 +50,18 @@ def test_demo_results_match_eval_and_curves_and_reruns_reuse(demo_inputs, tmp_pa
     best0 = min(result["step0"], key=lambda n: result["step0"][n]["bits_per_byte"])
     assert result["best_step0"] == best0
     curves = result["curves"]
-    assert set(curves) == {best0, "clp", "from-scratch", "mean"}
+    assert set(curves) == {best0, DEFAULT_STRATEGY, "clp", "from-scratch", "mean"}
     for name, curve in curves.items():
         assert [p[0] for p in curve] == [0, 2, 4]
         assert curve[0][1] == pytest.approx(result["step0"][name]["loss"], rel=1e-5)
         assert curve[0][2] == pytest.approx(result["step0"][name]["bits_per_byte"], rel=1e-5)
+    verdict = result["default"]
+    assert verdict["strategy"] == DEFAULT_STRATEGY == summary["default"]["strategy"]
+    assert set(verdict["beats"]) == {"clp", "from-scratch", "mean"} - {DEFAULT_STRATEGY}
+    for name, v in verdict["beats"].items():  # against the step-0 table and the curves
+        bpb0 = {n: r["bits_per_byte"] for n, r in result["step0"].items()}
+        assert v["step0"] == (bpb0[DEFAULT_STRATEGY] < bpb0[name])
+        assert v["final"] == (curves[DEFAULT_STRATEGY][-1][2] < curves[name][-1][2])
     best = result["best"]
     assert best == min(curves, key=lambda n: curves[n][-1][2]) == summary["best"]
     table = result["steps_to_reach"]
@@ -75,6 +83,7 @@ def test_demo_results_match_eval_and_curves_and_reruns_reuse(demo_inputs, tmp_pa
     assert set(sft["languages"]) == {"en", "de"} and sft["steps"] == 2
     assert all(math.isfinite(v[when]["loss"]) for v in sft["languages"].values() for when in ("before", "after"))
     report = (out / "report.md").read_text()
+    assert f"The default strategy (`{DEFAULT_STRATEGY}`) against each baseline" in report
     for section in ("## Step 0", "## Continued pretraining", "## Steps to reach", "## Multilingual SFT round",
                     "## Time"):
         assert section in report
@@ -87,7 +96,7 @@ def test_demo_results_match_eval_and_curves_and_reruns_reuse(demo_inputs, tmp_pa
     for part in ("tokenizer", "helper pretraining", "SFT round"):
         assert f"{part}: unchanged, reused" in err
     assert "redoing" not in err and ": transferring (" not in err, err
-    assert err.count("training: unchanged, reused") == 4
+    assert err.count("training: unchanged, reused") == len(curves) + 1  # and "helper pretraining"
     assert helper_config.stat().st_mtime_ns == mtime
     rerun = json.loads((out / "demo.json").read_text())
     assert rerun["curves"] == curves and rerun["stages"] == result["stages"]  # timed by the run that made them

@@ -171,6 +171,33 @@ def test_build_mixture_errors(tmp_path):
                                                    SIZES)
 
 
+TASK_SIZES = {"math-en": 100, "chat-en": 80, "math-de": 30, "chat-de": 20, "math-sw": 5}
+TASK_LANGUAGES = {"math-en": "en", "chat-en": "en", "math-de": "de", "chat-de": "de", "math-sw": "sw"}
+
+
+def test_english_plus_n_selects_sources_by_language_code_or_name(tmp_path):
+    text = "kind: english_plus_n\nenglish: en\nenglish_budget: 50\nper_language: 10\nlanguages: [de]\n"
+    mix = build_mixture(load(tmp_path, text), TASK_SIZES, TASK_LANGUAGES)
+    assert mix.names == ("math-en", "chat-en", "math-de", "chat-de") and mix.budget == 120
+    assert mix.expected_units() == pytest.approx({"math-en": 50, "chat-en": 50, "math-de": 10, "chat-de": 10})
+    assert mix.sizes == (100, 80, 30, 20)
+    by_name = "kind: english_plus_n\nenglish: math-en\nenglish_budget: 50\nper_language: 10\nlanguages: [de, math-sw]\n"
+    mixed = build_mixture(load(tmp_path, by_name.replace("10\n", "5\n")), TASK_SIZES, TASK_LANGUAGES)
+    assert mixed.names == ("math-en", "math-de", "chat-de", "math-sw")  # names and codes together
+    assert mixed.expected_units() == pytest.approx({"math-en": 50, "math-de": 5, "chat-de": 5, "math-sw": 5})
+
+
+def test_english_plus_n_selection_errors():
+    kw = {"english_budget": 50, "per_language": 10, "source_languages": TASK_LANGUAGES}
+    missing = error(posttrain_mixture, TASK_SIZES, **kw, languages=["fr"])
+    assert missing.count("\n") == 0 and "language fr has no data" in missing
+    assert "languages: de, en, sw" in missing and "sources: math-en, chat-en, math-de, chat-de, math-sw" in missing
+    assert "source math-sw (sw) has only 5 examples, fewer than the 10" in error(posttrain_mixture, TASK_SIZES, **kw,
+                                                                                 languages=["sw"])
+    assert "math-de is selected twice" in error(posttrain_mixture, TASK_SIZES, **kw, languages=["de", "math-de"])
+    assert "language de is listed twice" in error(posttrain_mixture, TASK_SIZES, **kw, languages=["de", "de"])
+
+
 def test_format_table_and_to_dict():
     mix = unimax_mixture(UNIMAX_SIZES, 250e9, max_epochs=4)
     text = mix.format_table()

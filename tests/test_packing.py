@@ -4,8 +4,9 @@ import time
 
 import numpy as np
 import pytest
+from oracles import next_token_targets
 
-from clp_jax.data.packing import greedy_row_starts, next_token_targets, pack_documents
+from clp_jax.data.packing import greedy_row_starts, pack_documents
 
 EOS, PAD = 0, 1
 

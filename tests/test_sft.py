@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 from conftest import WORDS_EN, make_sentences, train_byte_level_tokenizer
+from oracles import next_token_targets
 
-from clp_jax.data.packing import next_token_targets
-from clp_jax.data.sft import format_example, format_examples, response_bytes, sft_batch, truncate_example
+from clp_jax.data.sft import format_examples, response_bytes, sft_batch, truncate_example
 from clp_jax.errors import ClpError
 
 TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>\n{% endfor %}"
@@ -29,14 +29,14 @@ def masked_text(tokenizer, batch, row):
 
 
 def test_plain_format_is_prompt_newline_then_response_and_eos(en_tokenizer):
-    prompt_ids, response_ids = format_example(en_tokenizer, "the house", "is green")
+    prompt_ids, response_ids = format_examples(en_tokenizer, [("the house", "is green")])[0]
     assert en_tokenizer.decode(prompt_ids) == "the house\n"
     assert response_ids[-1] == en_tokenizer.eos_token_id
     assert en_tokenizer.decode(response_ids[:-1]) == "is green"
 
 
 def test_chat_template_path_splits_the_rendered_conversation(chat_tokenizer):
-    prompt_ids, response_ids = format_example(chat_tokenizer, "the house", "is green")
+    prompt_ids, response_ids = format_examples(chat_tokenizer, [("the house", "is green")])[0]
     assert chat_tokenizer.decode(prompt_ids) == "<|user|>the house<|end|>\n<|assistant|>"
     assert chat_tokenizer.decode(response_ids) == "is green<|end|>\n"
     full = chat_tokenizer.apply_chat_template([{"role": "user", "content": "the house"},
@@ -98,7 +98,7 @@ def test_errors(en_tokenizer):
     broken.chat_template = ("{% if add_generation_prompt %}ASSISTANT:{% endif %}"
                             "{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(ClpError, match="chat template"):
-        format_example(broken, "q", "a")
+        format_examples(broken, [("q", "a")])[0]
     assert format_examples(en_tokenizer, []) == []
     assert sft_batch([], seq_len=8, pad_id=0)["tokens"].shape == (0, 8)
 

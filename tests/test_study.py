@@ -58,6 +58,32 @@ def test_tiny_study_runs_resumes_and_plots(tmp_path, capsys):
     assert all(float(r["response_bpb"]) > 0 for r in rows)
     seen = {(r["n"], r["language"]): r["seen"] for r in rows}
     assert seen[("12", "de")] == "True" and seen[("12", "fr")] == "False" and seen[("0", "de")] == "False"
-    assert main(["study", "clt", "--config", str(tmp_path / "study.yaml")]) == 0  # resume: nothing retrained
-    err = capsys.readouterr().err
-    assert err.count("done earlier, skipped") == 2 and "training" not in err
+    assert main(["study", "clt", "--config", str(tmp_path / "study.yaml")]) == 0  # unchanged: nothing retrained
+    out, err = capsys.readouterr()
+    assert err.count("unchanged, reused") == 2 and "training" not in err
+    assert json.loads(out.strip().splitlines()[-1])["reused"] == 2
+
+
+def test_changed_setting_redoes_the_cell_and_the_results_show_it(tmp_path, capsys):
+    make_train_config(tmp_path)
+    cfg = {"run_dir": str(tmp_path / "study"), "models": [{"name": "tiny", "init": str(tmp_path / "model")}],
+           "tasks": ["math"], "english_budget": 16, "per_language": [8], "seen_languages": ["de"],
+           "train": {"steps": 2, "batch_size": 8, "seq_len": 64, "warmup_steps": 1},
+           "eval": {"examples_per_language": 2, "max_new_tokens": 2}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    run = ["study", "clt", "--config", str(tmp_path / "study.yaml")]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main([*run, "train.steps=3", "eval.metric=response_bpb"]) == 0  # the metric only changes the plots
+    out, err = capsys.readouterr()
+    changed = [line for line in err.splitlines() if "config changed" in line]
+    assert len(changed) == 1 and "(train.steps)" in changed[0] and "redoing" in changed[0]
+    assert "training" in err and json.loads(out.strip().splitlines()[-1])["reused"] == 0
+    cell = json.load(open(tmp_path / "study" / "results.json"))[0]
+    assert cell["config"]["train"]["steps"] == 3
+    saved = json.load(open(tmp_path / "study" / "cells" / cell["cell"] / "result.json"))
+    assert saved["config"]["train"]["steps"] == 3 and saved["key"] == cell["key"]
+    assert yaml.safe_load(open(tmp_path / "study" / "config.yaml"))["train"]["steps"] == 3
+    assert main([*run, "train.steps=3"]) == 0  # unchanged again
+    out, err = capsys.readouterr()
+    assert "unchanged, reused" in err and "training" not in err and json.loads(out.splitlines()[-1])["reused"] == 1

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,12 +49,16 @@ def test_run_writes_metrics_eval_checkpoints_and_export(uninterrupted):
     assert len(losses) == 12 and losses[-1] < losses[0]
     evals = [r for r in records if "eval/de/loss" in r]
     assert [r["step"] for r in evals] == [4, 8, 12] and all(np.isfinite(r["eval/en/loss"]) for r in evals)
-    assert all(0 < r["mfu"] < 1 and r["tokens_per_s"] > 0 for r in records if "mfu" in r)
+    assert all(r["tokens_per_s"] > 0 for r in records if "tokens_per_s" in r)
+    assert not any("mfu" in r for r in records)  # a CPU has no known peak
     assert sorted(os.listdir(run / "checkpoints")) == ["12", "8"]  # keep=2
     assert os.listdir(run / "tensorboard")
     assert (run / "config.yaml").exists() and json.loads((run / "data_report.json").read_text())["sources"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 12
+    drawn = summary["data"]  # rows per source, all 12 steps of 8 rows
+    assert sum(d["rows_drawn"] for d in drawn.values()) == 12 * 8 and set(drawn) == {"en", "de"}
+    assert sum(d["share"] for d in drawn.values()) == pytest.approx(1.0)
     model = transformers.AutoModelForCausalLM.from_pretrained(run / "hf" / "final")
     init = load_file(str(root / "model" / "model.safetensors"))
     final = final_weights(run)
@@ -126,28 +131,99 @@ def test_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, signal_n
     if signal_name == "SIGKILL":
         assert first.returncode == -9, first.stderr[-2000:]
         assert not os.path.exists(os.path.join(run_dir, "hf", "final"))
-    else:  # the preemption handler saves at the next step and exits cleanly
-        assert first.returncode == 0, first.stderr[-2000:]
+        saved = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+        assert max(r["step"] for r in read_metrics(run_dir)) == at_step > saved  # logged past the checkpoint
+    else:  # the preemption handler saves at the next step and exits 75 (EX_TEMPFAIL: try again)
+        assert first.returncode == 75, first.stderr[-2000:]
         assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "preempted"
         assert os.path.isdir(os.path.join(run_dir, "checkpoints", str(at_step + 1)))
+        last = first.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"clp-jax train: preempted: saved step {at_step + 1} in ") and "rerun" in last
     second = worker(config, "none", 0, f"run_dir={run_dir}")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from checkpoint at step" in second.stderr
+    assert json.loads(second.stdout.strip().splitlines()[-1])["status"] == "finished"
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))  # each step logged once
     want, got = final_weights(root / "run"), final_weights(run_dir)
     for k in want:
         assert np.array_equal(want[k], got[k]), k  # bit-identical to the uninterrupted run
 
 
+def test_rejected_resume_leaves_the_run_dir_and_steps_below_the_checkpoint_are_an_error(tmp_path, capsys):
+    """A resume with another data.seq_len or model.init, or steps below the checkpoint, is one line of error and
+    rewrites nothing; steps equal to it has nothing to do; MFU is only reported with a known peak."""
+    config = make_train_config(tmp_path, steps=2, **{"checkpoint.every_steps": 2, "eval.every_steps": 2,
+                                                     "optimizer.total_steps": 4})
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--config", config]) == 0
+    err = capsys.readouterr().err
+    assert err.count("MFU: no known peak for cpu; set peak_flops to report it") == 1
+    assert not any("mfu" in r for r in read_metrics(str(run)))
+    files = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "data_report.json")}
+    other_init = tmp_path / "model_copy"
+    shutil.copytree(tmp_path / "model", other_init)
+    for override, fragments in (("data.seq_len=16", ["data.seq_len=32 (this run: 16)"]),
+                                (f"model.init={other_init}", [f"model.init={tmp_path / 'model'} (this run: "]),
+                                ("steps=1", [str(run), "checkpoint is at step 2", "set steps=2 or more"])):
+        assert main(["train", "--config", config, override]) == 2, override
+        out, err = capsys.readouterr()
+        last = err.strip().splitlines()[-1]
+        assert out == "" and err.count("error") == 1 and last.startswith("clp-jax train: error: "), err
+        assert all(f in last for f in fragments), err
+        assert {name: (run / name).read_bytes() for name in files} == files, override
+    assert main(["train", "--config", config, "steps=4", "peak_flops=1e12"]) == 0
+    records = read_metrics(str(run))
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["mfu"] > 0  # logged steps have MFU
+    assert main(["train", "--config", config, "steps=4"]) == 0  # at the checkpoint's step: nothing to do
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["status"], summary["step"]) == ("finished", 4)
+    assert [r["step"] for r in read_metrics(str(run))] == [1, 2, 3, 4]
+
+
+def strict_json(text):
+    """``json.loads`` that refuses the bare NaN and Infinity Python's json writes by default."""
+    def refuse(name):
+        raise ValueError(f"bare {name} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_nonfinite_loss_stops_with_a_clear_message_or_skips(tmp_path, capsys):
-    config = make_train_config(tmp_path, steps=6, **{"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": 0})
+    huge = {"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": 0}
+    config = make_train_config(tmp_path, steps=6, **huge)
     capsys.readouterr()
     assert main(["train", "--config", config]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "not finite" in err and "Last good checkpoint" in err
-    skip = make_train_config(tmp_path, steps=6, run_dir=str(tmp_path / "skip"), nonfinite="skip",
-                             **{"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": 0})
+    assert "not finite" in err and "No checkpoint saved yet" in err and "None" not in err, err
+    records = [strict_json(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] is None  # the failing step is logged, as null
+    skip = make_train_config(tmp_path, steps=6, run_dir=str(tmp_path / "skip"), nonfinite="skip", **huge)
     assert main(["train", "--config", skip]) == 0
-    assert any(r.get("nonfinite") for r in read_metrics(str(tmp_path / "skip")))
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert strict_json(out)["status"] == "finished" and strict_json(out)["loss"] is None
+    strict_json((tmp_path / "skip" / "summary.json").read_text())
+    lines = (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
+    assert any(strict_json(line).get("nonfinite") for line in lines)
+
+
+def test_runaway_skipping_stops_and_keeps_the_good_checkpoints(tmp_path, capsys):
+    """nonfinite=skip stops after max_skipped_steps skipped steps in a row, and saves no periodic checkpoint
+    of a skipped step or of non-finite parameters, so the one named as the last good checkpoint is still there."""
+    config = make_train_config(tmp_path, steps=20, nonfinite="skip", max_skipped_steps=3,
+                               **{"optimizer.learning_rate": 1e30, "optimizer.max_grad_norm": 0,
+                                  "checkpoint.every_steps": 1, "checkpoint.keep": 2, "log_every_steps": 1})
+    capsys.readouterr()
+    assert main(["train", "--config", config]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "3 steps in a row skipped" in err and "max_skipped_steps=3" in err, err
+    records = {r["step"]: r for r in read_metrics(str(tmp_path / "run"))}
+    good = [s for s, r in records.items() if not r["nonfinite"] and r["param_norm"] is not None]
+    assert f"Last good checkpoint: step {good[-1]} in " in err
+    stop = max(records)  # the failing steps are logged before the error
+    assert stop < 20 and [records[stop - i]["nonfinite"] for i in range(4)] == [1.0, 1.0, 1.0, 0.0]
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
+    assert saved == good[-2:]  # keep=2: the bad states saved none
 
 
 def test_mesh_that_does_not_divide_the_devices_fails_before_compiling(tmp_path, capsys):

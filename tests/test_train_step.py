@@ -7,9 +7,10 @@ import pytest
 import torch
 from hf_models import make_hf_model
 from jax.sharding import PartitionSpec
+from oracles import next_token_targets
 
 from clp_jax import models
-from clp_jax.data.packing import next_token_targets, pack_documents
+from clp_jax.data.packing import pack_documents
 from clp_jax.errors import ClpError
 from clp_jax.hf.reader import load_params
 from clp_jax.sharding import logical_to_spec, make_mesh

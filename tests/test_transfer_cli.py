@@ -56,7 +56,8 @@ def transfer(argv, capsys):
 def test_clp_transfer_matches_formula_and_loads_in_transformers(dirs, tmp_path, capsys, source, en_tokenizer,
                                                                 de_tokenizer):
     out = tmp_path / "out"
-    code, stdout, err = transfer(["--source", dirs / source, "--helper", dirs / "helper", "--out", out], capsys)
+    code, stdout, err = transfer(["--source", dirs / source, "--helper", dirs / "helper", "--out", out,
+                                  "--strategy", "clp"], capsys)
     assert code == 0, err
     assert json.loads(stdout.strip().splitlines()[-1])["strategy"] == "clp"
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
@@ -164,7 +165,7 @@ def test_an_unwritable_output_fails_before_computing_and_write_errors_leave_noth
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
 
-    def full(path, data):
+    def full(path, data, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(run, "transfer_params", lambda *a, **k: pytest.fail("computed before checking the output"))
@@ -180,7 +181,7 @@ def test_an_unwritable_output_fails_before_computing_and_write_errors_leave_noth
     code, out, err = transfer([*args, "--out", tmp_path / "o"], capsys)
     assert code == 2 and f"MiB but {tmp_path} has only 0.0 MiB free" in err and len(err.strip().splitlines()) == 1, err
     monkeypatch.undo()
-    monkeypatch.setattr(writer, "_write_json", full)  # the disk fills up while writing
+    monkeypatch.setattr(writer, "write_json", full)  # the disk fills up while writing
     code, out, err = transfer([*args, "--out", tmp_path / "o"], capsys)
     assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
         f"clp-jax transfer: error: {tmp_path / 'o'}: cannot write the output: No space left on device "
@@ -225,11 +226,12 @@ def norm_stats(rows):
 
 def test_fvt_needs_no_helper_model_and_follows_the_source_tokenizer(dirs, tmp_path, capsys, en_tokenizer,
                                                                     de_tokenizer):
-    """FVT from a tokenizer-only target dir: each missing token = mean of its text's source-token rows."""
+    """FVT (the default strategy) from a tokenizer-only target dir: each missing token = mean of its text's
+    source-token rows."""
     de_tokenizer.save_pretrained(tmp_path / "de-tok")
     out = tmp_path / "out"
-    code, _, err = transfer(["--source", dirs / "gpt2-src", "--helper-tokenizer", tmp_path / "de-tok", "--out", out,
-                             "--strategy", "fvt"], capsys)
+    code, _, err = transfer(["--source", dirs / "gpt2-src", "--helper-tokenizer", tmp_path / "de-tok", "--out", out],
+                            capsys)
     assert code == 0, err
     src = load_file(str(dirs / "gpt2-src" / "model.safetensors"))["transformer.wte.weight"]
     got = load_file(str(out / "model.safetensors"))["transformer.wte.weight"].astype(np.float64)

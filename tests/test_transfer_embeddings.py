@@ -10,8 +10,8 @@ import pytest
 
 from clp_jax.errors import ClpError
 from clp_jax.sharding import make_mesh
+from clp_jax.transfer.block_rows import sparsemax
 from clp_jax.transfer.embeddings import STRATEGIES, init_target_embeddings
-from clp_jax.transfer.weights import sparsemax
 
 VS, VT, D, DH, N_OVERLAP = 300, 257, 48, 32, 120
 ZERO_ROW, NEGATIVE_ROW = 3, 5  # missing target ids whose helper rows force the fallback
@@ -374,7 +374,7 @@ def test_omp_matches_float64_oracle(data, lm_head, center):
 
 
 def test_omp_survives_duplicate_atoms_and_more_steps_than_dimensions():
-    from clp_jax.transfer.weights import omp_coefficients, unit_rows
+    from clp_jax.transfer.block_rows import omp_coefficients, unit_rows
 
     rng = np.random.default_rng(7)
     atoms = rng.normal(size=(12, 4)).astype(np.float32)

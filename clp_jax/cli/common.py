@@ -1,9 +1,11 @@
-"""Shared CLI plumbing: --config/overrides resolution, data files, JSON result lines."""
+"""Shared CLI plumbing: --config/overrides resolution, data files, JSON result lines, the Trainer runs of
+`train` and `sft`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -13,6 +15,7 @@ from clp_jax.errors import ClpError
 from clp_jax.files import read_lines
 
 T = TypeVar("T", bound=ConfigModel)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; run the same command again to resume
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +35,40 @@ def print_result(result: dict[str, Any], stream: Any = None) -> None:
     print(json.dumps(result, sort_keys=True), file=stream or sys.stdout, flush=True)
 
 
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `train` and `sft`: both read a TrainConfig."""
+    p.add_argument("--run-dir", help="run dir (config, metrics, checkpoints, exports); reused to resume")
+    p.add_argument("--init", help="HF model dir to start from (model.init)")
+    p.add_argument("--steps", type=int, help="training steps")
+    add_config_args(p)
+
+
+def run_trainer(args: argparse.Namespace, forced: Sequence[str] = ()) -> int:
+    """Resolve the TrainConfig (``forced`` overrides come before the user's) and train; 75 when preempted."""
+    from clp_jax.train.config import TrainConfig
+    from clp_jax.train.loop import Trainer
+
+    args.overrides = [*forced, *args.overrides]
+    cfg = resolve_config(TrainConfig, args, {"run_dir": "run_dir", "init": "model.init", "steps": "steps"})
+    return finish_run(Trainer(cfg).run(), getattr(args, "command", "train"))
+
+
+def finish_run(summary: dict[str, Any], command: str) -> int:
+    """Print the run's summary line and return the exit code: 0, or 75 after a preemption (saying how to resume)."""
+    print_result(summary)
+    if summary["status"] != "preempted":
+        return 0
+    print(f"clp-jax {command}: preempted: saved step {summary['step']} in "
+          f"{os.path.join(summary['run_dir'], 'checkpoints')}; rerun the same command to resume from it "
+          f"(exit {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+
+
 def positive(name: str, value: int) -> int:
     if value < 1:
         raise ClpError(f"{name} must be >= 1, got {value}")
     return value
 
 
-__all__: Sequence[str] = ["add_config_args", "print_result", "read_lines", "resolve_config"]
+__all__: Sequence[str] = ["add_config_args", "add_run_arguments", "finish_run", "print_result", "read_lines",
+                           "resolve_config", "run_trainer"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -12,8 +11,8 @@ import pydantic
 from clp_jax.cli.common import add_config_args, print_result, resolve_config
 from clp_jax.config import ConfigModel, save_config
 from clp_jax.data.pipeline import DataConfig, build_data
+from clp_jax.files import write_json
 from clp_jax.hf.tokenizer import load_tokenizer
-from clp_jax.hf.writer import atomic_dir
 
 
 class DataRunConfig(ConfigModel):
@@ -40,6 +39,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
+    from clp_jax.hf.writer import atomic_dir
+
     cfg = resolve_config(DataRunConfig, args, {"tokenizer": "tokenizer", "steps": "steps", "out": "out"})
     tokenizer = load_tokenizer(cfg.tokenizer)
     data = build_data(cfg.data, tokenizer, steps=cfg.steps)
@@ -48,8 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out:
         def fill(tmp: str) -> None:
             save_config(cfg, os.path.join(tmp, "config.yaml"))
-            with open(os.path.join(tmp, "data_report.json"), "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
+            write_json(os.path.join(tmp, "data_report.json"), report)
 
         atomic_dir(cfg.out, fill, overwrite=True)
     total = sum(s["tokens"] for s in report["sources"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Literal
@@ -12,8 +11,7 @@ import pydantic
 
 from clp_jax.cli.common import add_config_args, print_result, resolve_config
 from clp_jax.config import ConfigModel, save_config
-from clp_jax.eval.perplexity import evaluate_model_dir
-from clp_jax.hf.writer import atomic_dir
+from clp_jax.files import write_json
 from clp_jax.sharding import MeshConfig, mesh_from_config
 
 
@@ -50,6 +48,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
+    from clp_jax.eval.perplexity import evaluate_model_dir
+    from clp_jax.hf.writer import atomic_dir
+
     cfg = resolve_config(EvalConfig, args, {"model": "model", "data": "data", "seq_len": "seq_len",
                                             "batch_size": "batch_size", "dtype": "dtype", "out": "out"})
     start = time.perf_counter()
@@ -59,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg.out:
         def fill(tmp: str) -> None:
             save_config(cfg, os.path.join(tmp, "config.yaml"))
-            with open(os.path.join(tmp, "eval.json"), "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2)
+            write_json(os.path.join(tmp, "eval.json"), result)
 
         atomic_dir(cfg.out, fill, overwrite=True)
     print_result(result)

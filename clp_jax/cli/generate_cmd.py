@@ -11,10 +11,6 @@ from typing import Any
 
 from clp_jax.cli.common import positive, print_result
 from clp_jax.errors import ClpError
-from clp_jax.hf.reader import load_params, read_config
-from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
-from clp_jax.posttrain.generate import encode_prompts, generate, pad_token_id
-from clp_jax.sharding import make_mesh
 
 
 def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -54,6 +50,11 @@ def eos_ids(model_dir: str, tokenizer: Any) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from clp_jax.hf.reader import load_params, read_config
+    from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
+    from clp_jax.posttrain.generate import encode_prompts, generate, pad_token_id
+    from clp_jax.sharding import make_mesh
+
     positive("--max-new-tokens", args.max_new_tokens)
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ClpError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")

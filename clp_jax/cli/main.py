@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -13,23 +14,25 @@ from clp_jax import __version__
 from clp_jax.errors import ClpError, ClpWarning
 
 _FORMAT_WARNING = warnings.formatwarning
+# The commands and their help lines, in `clp-jax --help` order. Only the command being run imports its module,
+# clp_jax.cli.NAME_cmd, which may import jax and transformers; each module's own help line must match.
+COMMANDS = {
+    "transfer": "CLP-Transfer: build a target-language model from a source + helper",
+    "train": "continued pretraining (e.g. after clp-jax transfer) on a device mesh",
+    "sft": "instruction tuning on prompt/response data (single- or multi-task mixtures)",
+    "study": "experiment grids (clt: cross-lingual transfer in SFT; transfer: embedding strategies)",
+    "plan": "compile a train config for a TPU topology ahead of time: per-chip HBM, fit, FLOPs and tokens/s",
+    "data": "preview a run's data: sources, tokens, mixture shares and epochs",
+    "eval": "perplexity of an HF model dir on a text file",
+    "generate": "complete text prompts with an HF model dir (greedy or sampled)",
+    "fetch": "download a model (as an HF dir) or a text corpus into the local cache",
+    "convert": "convert a GGUF checkpoint into an HF model dir",
+    "demo": "CLP-Transfer of SmolLM2-135M to French (or --target-language) on a CPU",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from clp_jax.cli import (
-        convert_cmd,
-        data_cmd,
-        demo_cmd,
-        eval_cmd,
-        fetch_cmd,
-        generate_cmd,
-        plan_cmd,
-        sft_cmd,
-        study_cmd,
-        train_cmd,
-        transfer_cmd,
-    )
-
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `clp-jax` parser with ``command``'s arguments; every other command by its name and help line only."""
     parser = argparse.ArgumentParser(
         prog="clp-jax",
         description="CLP-Transfer and multilingual post-training in JAX: transfer an English-first model to a "
@@ -41,10 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"clp-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (transfer_cmd, train_cmd, sft_cmd, study_cmd, plan_cmd, data_cmd, eval_cmd, generate_cmd,
-                   fetch_cmd, convert_cmd, demo_cmd):
-        module.register(sub, [common])
+    for name, help_line in COMMANDS.items():
+        if name == command:
+            importlib.import_module(f"clp_jax.cli.{name}_cmd").register(sub, [common])
+        else:
+            sub.add_parser(name, help=help_line)
     return parser
+
+
+def command_named(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` runs: its first word that is not an option (the top-level options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+def keep_jax_off_libtpu(command: str) -> None:
+    """On a host with libtpu but no TPU, run JAX on the CPU: libtpu's failed start logs errors (plan sets its own)."""
+    if command == "plan" or os.environ.get("JAX_PLATFORMS") or _jax_plugins_installed():
+        return
+    from clp_jax.train.plan import host_has_tpu, libtpu_installed
+
+    if libtpu_installed() and not host_has_tpu():
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+
+
+def _jax_plugins_installed() -> bool:
+    """Whether a PJRT plugin (CUDA, ROCm, ...) is installed, whose platform jax should keep choosing."""
+    from importlib.metadata import entry_points
+    from importlib.util import find_spec
+
+    return find_spec("jax_plugins") is not None or bool(entry_points(group="jax_plugins"))
 
 
 def show_clp_warnings(command: str) -> None:
@@ -63,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # e.g. "PyTorch was not found", read at import
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_named(argv)).parse_args(argv)
+    keep_jax_off_libtpu(args.command)
     show_clp_warnings(args.command)
     try:
         return int(args.func(args) or 0)

@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 
 from clp_jax.cli.common import add_config_args, print_result, resolve_config
-from clp_jax.transfer.embeddings import HELPER_STRATEGIES, MAX_NORM_FACTOR, MIN_MEAN_COS
-from clp_jax.transfer.pipeline import STRATEGIES
-from clp_jax.transfer.run import TransferConfig, run_transfer
+from clp_jax.transfer.validate import (
+    ALL_STRATEGIES,
+    DEFAULT_STRATEGY,
+    HELPER_STRATEGIES,
+    MAX_NORM_FACTOR,
+    MIN_MEAN_COS,
+)
 
 OPTIONS_HELP = f"""\
 strategies:
-  clp            the paper: cos(h_i, h_j) / sum_k cos(h_i, h_k) weights over the shared tokens j (default)
+  clp            the paper: cos(h_i, h_j) / sum_k cos(h_i, h_k) weights over the shared tokens j
   clp-topk       softmax(cos / temperature) over the top_k most similar shared tokens (WECHSEL)
   clp-sparsemax  sparsemax(cos / temperature) over all shared tokens (FOCUS / CLP+)
   omp            orthogonal matching pursuit of h_i over omp_k shared helper rows; its coefficients applied
                  to their source rows (mergekit tokensurgeon's idea)
   fvt            mean of the source rows of the pieces the source tokenizer splits the token's text into
-                 (Fast Vocabulary Transfer); needs no helper model, only --helper-tokenizer
+                 (Fast Vocabulary Transfer); needs no helper model, only --helper-tokenizer (default: best
+                 after continued pretraining on both pairs measured, see README Results)
   random, mean, overlap, from-scratch   the paper's baselines; they need no helper model either
 
 config keys (set as key=value after the flags, or in --config):
@@ -41,10 +46,12 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p = sub.add_parser(
         "transfer", parents=parents, help="CLP-Transfer: build a target-language model from a source + helper",
         description="CLP-Transfer (Ostendorff & Rehm 2023). The target model is the source model with its "
-                    "embeddings replaced for the helper's tokenizer: shared tokens copy the source row, other "
-                    "tokens are a cosine-weighted average (in the helper's embedding space) of the shared tokens' "
-                    "source rows. Writes a Hugging Face dir with the helper's tokenizer and transfer_report.json. "
-                    f"Strategies: {', '.join(STRATEGIES)}.",
+                    "embeddings replaced for the target (helper's) tokenizer: shared tokens copy the source row, "
+                    "other tokens are built from the shared tokens' source rows by the strategy (clp, the "
+                    "paper's: a cosine-weighted average in the helper's embedding space; fvt, the default: the "
+                    "mean of the source rows of the token's pieces in the source tokenizer). Writes a Hugging "
+                    "Face dir with the target tokenizer and transfer_report.json. "
+                    f"Strategies: {', '.join(ALL_STRATEGIES)}.",
         epilog=OPTIONS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", help="large source-language HF model dir (with tokenizer)")
     p.add_argument("--helper", help="small target-language HF model dir (its input embeddings are used); needed by "
@@ -52,13 +59,16 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--out", help="output HF model dir (refused if it exists, unless --overwrite)")
     p.add_argument("--helper-tokenizer", help="target tokenizer dir if not in --helper (enough for fvt, mean, random, "
                                               "overlap, from-scratch)")
-    p.add_argument("--strategy", help=f"embedding initialization: {', '.join(STRATEGIES)} (default clp)")
+    p.add_argument("--strategy", help=f"embedding initialization: {', '.join(ALL_STRATEGIES)} "
+                                      f"(default {DEFAULT_STRATEGY}; the paper's: clp)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing --out dir")
     add_config_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from clp_jax.transfer.run import TransferConfig, run_transfer
+
     cfg = resolve_config(TransferConfig, args, {
         "source": "source", "helper": "helper", "out": "out", "helper_tokenizer": "helper_tokenizer",
         "strategy": "strategy", "overwrite": "overwrite"})
@@ -66,4 +76,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["TransferConfig", "register", "run"]
+__all__ = ["register", "run"]

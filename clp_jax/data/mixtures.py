@@ -156,33 +156,63 @@ def unimax_mixture(sizes: Mapping[str, float], budget: float, max_epochs: float)
     return _normalized(sizes, allocated, budget - leftover, leftover)
 
 
-def fixed_english_plus_n(available: Mapping[str, int], *, english: str = "en", english_budget: int,
-                         per_language: int, languages: Sequence[str]) -> dict[str, int]:
-    """Examples per language: `english_budget` English ones plus `per_language` for each listed language."""
+def _select(key: str, available: Mapping[str, float], source_languages: Mapping[str, str]) -> list[str]:
+    """The sources a mixture key names: the source of that name, else every source in that language."""
+    if key in available:
+        return [key]
+    chosen = [name for name in available if source_languages.get(name) == key]
+    if chosen:
+        return chosen
+    if not source_languages:
+        raise ClpError(f"language {key} has no data (known: {', '.join(available)})")
+    raise ClpError(f"language {key} has no data: no source is in language {key!r} or named {key!r} (languages: "
+                   f"{', '.join(sorted(set(source_languages.values())))}; sources: {', '.join(available)})")
+
+
+def _label(name: str, source_languages: Mapping[str, str]) -> str:
+    return f"source {name} ({source_languages[name]})" if name in source_languages else f"language {name}"
+
+
+def fixed_english_plus_n(available: Mapping[str, float], *, english: str = "en", english_budget: int,
+                         per_language: int, languages: Sequence[str],
+                         source_languages: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Examples per key of `available`: `english_budget` for English, `per_language` for each listed language.
+
+    Without `source_languages` the keys are languages. With it (source name -> language) they are sources, and
+    `english` or a listed language selects the source of that name, else every source in that language (each
+    gets the whole count: with one source per task and language, the budget is per task).
+    """
     if english_budget < 0 or per_language < 0:
         raise ClpError(f"english_budget and per_language must be >= 0 (found {english_budget}, {per_language})")
-    counts = {english: english_budget}
-    for lang in languages:
+    for i, lang in enumerate(languages):
         if lang == english:
             raise ClpError(f"language {lang} is English, which has its own budget: remove it from 'languages'")
-        if lang in counts:
+        if lang in languages[:i]:
             raise ClpError(f"language {lang} is listed twice in 'languages'")
-        counts[lang] = per_language
-    for lang, wanted in counts.items():
-        have = available.get(lang, 0)
+    langs = source_languages or {}
+    counts: dict[str, int] = {}
+    for key, wanted in [(english, english_budget), *((lang, per_language) for lang in languages)]:
+        for name in _select(key, available, langs):
+            if name in counts:
+                raise ClpError(f"source {name} is selected twice ('{key}' and an earlier entry): list it once")
+            counts[name] = wanted
+    for name, wanted in counts.items():
+        have = available[name]
         if wanted > 0 and have == 0:
-            raise ClpError(f"language {lang} has no data")
+            raise ClpError(f"{_label(name, langs)} has no data")
         if wanted > have:
-            raise ClpError(f"language {lang} has only {have} examples, fewer than the {wanted} asked for")
+            raise ClpError(f"{_label(name, langs)} has only {have:.0f} examples, fewer than the {wanted} asked for")
     return counts
 
 
-def posttrain_mixture(available: Mapping[str, int], *, english: str = "en", english_budget: int,
-                      per_language: int, languages: Sequence[str]) -> Mixture:
-    """The fixed-English-plus-N design as a Mixture: weights proportional to counts, budget their total."""
+def posttrain_mixture(available: Mapping[str, float], *, english: str = "en", english_budget: int,
+                      per_language: int, languages: Sequence[str],
+                      source_languages: Mapping[str, str] | None = None) -> Mixture:
+    """The fixed-English-plus-N design as a Mixture (over the selected keys of `available`): weights
+    proportional to counts, budget their total."""
     counts = fixed_english_plus_n(available, english=english, english_budget=english_budget,
-                                  per_language=per_language, languages=languages)
-    sizes = {lang: float(available.get(lang, 0)) for lang in counts}
+                                  per_language=per_language, languages=languages, source_languages=source_languages)
+    sizes = {name: float(available[name]) for name in counts}
     return _normalized(sizes, counts, sum(counts.values()))
 
 
@@ -204,8 +234,10 @@ _USES = {"explicit": ("weights", "budget"), "temperature": ("alpha", "budget"), 
          "english_plus_n": ("english", "english_budget", "per_language", "languages")}
 
 
-def build_mixture(cfg: MixtureConfig, sizes: Mapping[str, float]) -> Mixture:
-    """The Mixture a config section describes, over sources of the given sizes (tokens, characters or examples)."""
+def build_mixture(cfg: MixtureConfig, sizes: Mapping[str, float],
+                  source_languages: Mapping[str, str] | None = None) -> Mixture:
+    """The Mixture a config section describes, over sources of the given sizes (tokens, characters or examples);
+    `source_languages` (source name -> language) lets `english_plus_n` select sources by language."""
     for name, field in MixtureConfig.model_fields.items():
         if name != "kind" and name not in _USES[cfg.kind] and getattr(cfg, name) != field.get_default(
                 call_default_factory=True):
@@ -225,4 +257,4 @@ def build_mixture(cfg: MixtureConfig, sizes: Mapping[str, float]) -> Mixture:
     if cfg.per_language <= 0:
         raise ClpError("mixture kind 'english_plus_n' needs 'per_language' > 0 (examples per language)")
     return posttrain_mixture(sizes, english=cfg.english, english_budget=cfg.english_budget,
-                             per_language=cfg.per_language, languages=cfg.languages)
+                             per_language=cfg.per_language, languages=cfg.languages, source_languages=source_languages)

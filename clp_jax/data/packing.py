@@ -94,17 +94,3 @@ def pack_documents(tokens: np.ndarray, offsets: np.ndarray, seq_len: int, eos_id
         out_bytes = out_bytes.reshape(shape)
     return PackedBatches(out_tokens.reshape(shape), out_segments.reshape(shape), out_positions.reshape(shape),
                          out_bytes)
-
-
-def next_token_targets(tokens: np.ndarray, segment_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Targets `tokens[:, t + 1]` at position t, weighted 1 only when t and t + 1 are in the same segment.
-
-    So no document predicts another's first token, padding predicts nothing, and the last column (whose
-    next token is in no row) has weight 0.
-    """
-    tokens, segment_ids = np.asarray(tokens), np.asarray(segment_ids)
-    targets = np.zeros_like(tokens, dtype=np.int32)
-    targets[:, :-1] = tokens[:, 1:]
-    weights = np.zeros(tokens.shape, dtype=np.float32)
-    weights[:, :-1] = (segment_ids[:, :-1] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
-    return targets, weights

@@ -2,9 +2,9 @@
 pack (pretraining) or format prompt/response rows (SFT), resolve the mixture and build the step-indexed iterator.
 
 Every input problem (a source with no documents, all-zero weights, a batch the hosts cannot split) is a
-ClpError raised here, before training starts. Mixture keys are source names: name sources by language to mix
-languages. Sizes are training tokens (pretraining) or training examples (SFT); the iterator samples rows by
-the mixture's shares, so a share of rows is a share of tokens up to each source's padding.
+ClpError raised here, before training starts. Mixture keys are source names (`english_plus_n` also takes
+language codes). Sizes are training tokens (pretraining) or training examples (SFT); the iterator samples rows
+by the mixture's shares, so a share of rows is a share of tokens up to each source's padding.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def build_data(cfg: DataConfig, tokenizer: Any, *, steps: int | None = None, pro
             eval_documents=int(held.sum()), tokens=tokens, eval_tokens=eval_tokens,
             rows=len(train["tokens"]), size=float(len(held) - held.sum() if cfg.mode == "sft" else tokens),
             from_cache=cached, seconds=round(time.perf_counter() - start, 3)))
-    mixture = build_mixture(cfg.mixture, {s.name: s.size for s in summaries})
+    mixture = build_mixture(cfg.mixture, {s.name: s.size for s in summaries}, {s.name: s.language for s in summaries})
     unmixed = [s.name for s in summaries if s.name not in mixture.names]
     if unmixed:
         raise ClpError(f"sources {', '.join(unmixed)} are not in the mixture (it covers {', '.join(mixture.names)}); "

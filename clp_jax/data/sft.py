@@ -60,11 +60,6 @@ def response_bytes(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[np.
     return [np.append(b, np.int32(0)) if eos else b for b, (_, _, eos) in zip(per_example, rendered)]
 
 
-def format_example(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) of one example, through the chat template when the tokenizer has one."""
-    return format_examples(tokenizer, [(prompt, response)])[0]
-
-
 def truncate_example(prompt_ids: Sequence[int], response_ids: Sequence[int],
                      seq_len: int) -> tuple[Sequence[int], Sequence[int]]:
     """Fit an example into `seq_len`: trim the prompt from the left (keeping at least one token), then

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from clp_jax import models
+from clp_jax import progress as progress_bars
 from clp_jax.data.tokenize import encode_with_bytes
 from clp_jax.errors import ClpError
 from clp_jax.files import read_lines
@@ -33,6 +33,7 @@ from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.memory import device_budget, format_bytes
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import batch_divisor, batch_sharding, tree_shardings
+from clp_jax.train.loss import row_nll_sums, token_targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +75,13 @@ def encode_documents(tokenizer: Any, texts: Sequence[str],
 
 
 def token_nll(params: Any, cfg: TransformerConfig, tokens: jax.Array, segment_ids: jax.Array) -> tuple:
-    """Per-row sum of next-token negative log-likelihood (float32) and predicted-token counts."""
-    logits = models.apply(params, cfg, tokens, segment_ids=segment_ids)[:, :-1]
-    targets = tokens[:, 1:]
-    weights = (segment_ids[:, 1:] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jnp.where(weights, logz - picked, 0.0)
-    return nll.sum(axis=1), weights.sum(axis=1)
+    """Per-row sum of next-token negative log-likelihood (float32) and predicted-token counts: the train loss's
+    targets and nll (``train.loss``), summed per document instead of over the batch."""
+    hidden = models.hidden_states(params, cfg, tokens, segment_ids=segment_ids)
+    targets, weights = token_targets(tokens, segment_ids)
+    w, vocab_major = models.output_layer(params, cfg)
+    nll = row_nll_sums(hidden, w, targets, weights, cfg.logits_chunk, vocab_major, cfg.final_softcap)
+    return nll, weights.sum(axis=1).astype(jnp.int32)
 
 
 def _bucket(n: int, seq_len: int) -> int:
@@ -169,7 +169,7 @@ def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.nd
     nll = np.zeros(len(docs), np.float64)
     count = np.zeros(len(docs), np.int64)
     total_tokens = sum(len(d) - 1 for d in docs)
-    with tqdm(total=total_tokens, desc="eval", unit="tok", disable=not progress, leave=False) as bar:
+    with progress_bars.bar(total=total_tokens, desc="eval", unit="tok", disable=not progress, leave=False) as bar:
         for idx, tokens, seg in _batches(docs, batch_size, divisor, seq_len):
             sums, counts = jax.device_get(step(params, tokens, seg))
             nll[idx] = sums[:len(idx)]

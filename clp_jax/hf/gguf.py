@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from clp_jax.errors import ClpError
 from clp_jax.files import require_file
 from clp_jax.models.config import NP_DTYPES
+from clp_jax.progress import bar
 
 
 class Layout(NamedTuple):
@@ -353,8 +353,8 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32", overwr
     tensors = check_tensors(gf, config)
     tokenizer = gguf_tokenizer(gf.meta, config, gguf_path)
     config["dtype"] = dtype
-    stream = tqdm(_hf_tensors(gf, config, tensors, dtype), total=len(tensors), desc=f"convert {gf.arch} gguf",
-                  unit="tensor", disable=not progress)
+    stream = bar(_hf_tensors(gf, config, tensors, dtype), total=len(tensors), desc=f"convert {gf.arch} gguf",
+                 unit="tensor", disable=not progress)
     write_model_dir(out_dir, stream, len(tensors), config, tokenizer=tokenizer, overwrite=overwrite)
     return {"gguf": gguf_path, "out": out_dir, "architecture": gf.arch, "model_type": config["model_type"],
             "name": gf.meta.get("general.name"), "dtype": dtype, "tensors": len(tensors),

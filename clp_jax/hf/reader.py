@@ -18,12 +18,12 @@ import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from clp_jax import models
 from clp_jax.errors import ClpError, ClpWarning
 from clp_jax.models.config import DTYPES, NP_DTYPES, TransformerConfig
 from clp_jax.models.weights import WeightSpec, lookup
+from clp_jax.progress import bar
 from clp_jax.sharding import tree_shardings
 
 
@@ -213,12 +213,12 @@ def load_params(model_dir: str, mesh: Mesh, cfg: TransformerConfig | None = None
     shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
     params: dict = {}
     n = len(only) if only is not None else len(jax.tree.leaves(shardings))
-    with tqdm(total=n, desc=f"load {os.path.basename(os.path.normpath(model_dir))}", unit="tensor",
-              disable=not progress, leave=False) as bar:
+    with bar(total=n, desc=f"load {os.path.basename(os.path.normpath(model_dir))}", unit="tensor",
+             disable=not progress, leave=False) as progress_bar:
         for path, host in iter_hf_params(model_dir, cfg, only):
             sharding = lookup(shardings, path)
             _insert(params, path, jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx]))
-            bar.update(1)
+            progress_bar.update(1)
     return cfg, params
 
 

@@ -8,7 +8,6 @@ only one is held there at once.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,15 +16,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from clp_jax import models
 from clp_jax.errors import ClpError
-from clp_jax.files import default_mode, remove_leftovers, temp_prefix
+from clp_jax.files import default_mode, remove_leftovers, temp_prefix, write_json
 from clp_jax.hf.safetensors_stream import write_shards
 from clp_jax.memory import format_bytes
 from clp_jax.models.config import NP_DTYPES, TransformerConfig
 from clp_jax.models.weights import lookup
+from clp_jax.progress import bar
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
@@ -75,7 +74,7 @@ def hf_tensors(params: dict, cfg: TransformerConfig) -> Iterable[tuple[str, np.n
 def _write_safetensors(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_shard_bytes: int,
                        total: int) -> None:
     """Safetensors in ``tmp``, streamed one tensor at a time (sharded above ``max_shard_bytes``, with an index)."""
-    stream = tqdm(tensors, total=total, desc="write safetensors", unit="tensor", leave=False)
+    stream = bar(tensors, total=total, desc="write safetensors", unit="tensor", leave=False)
     shards, where, grand_total = write_shards(tmp, stream, total, max_shard_bytes)
     if len(shards) == 1:
         os.rename(shards[0], os.path.join(tmp, "model.safetensors"))
@@ -83,15 +82,9 @@ def _write_safetensors(tmp: str, tensors: Iterable[tuple[str, np.ndarray]], max_
     finals = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for path, final in zip(shards, finals):
         os.rename(path, os.path.join(tmp, final))
-    _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+    write_json(os.path.join(tmp, "model.safetensors.index.json"),
                 {"metadata": {"total_size": grand_total},
-                 "weight_map": {name: finals[int(i)] for name, i in where.items()}})
-
-
-def _write_json(path: str, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+                 "weight_map": {name: finals[int(i)] for name, i in where.items()}}, sort_keys=True)
 
 
 def _write_error(out_dir: str, e: OSError, tmp: str | None = None) -> str:
@@ -168,17 +161,17 @@ def write_model_dir(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], n_t
 
     def fill(tmp: str) -> None:
         _write_safetensors(tmp, tensors, max_shard_bytes, n_tensors)
-        _write_json(os.path.join(tmp, "config.json"), config)
+        write_json(os.path.join(tmp, "config.json"), config, sort_keys=True)
         gen = dict(generation_config or {})
         gen.setdefault("_from_model_config", True)
         for role in ("bos", "eos", "pad"):
             if config.get(f"{role}_token_id") is not None:
                 gen[f"{role}_token_id"] = config[f"{role}_token_id"]
-        _write_json(os.path.join(tmp, "generation_config.json"), gen)
+        write_json(os.path.join(tmp, "generation_config.json"), gen, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (extra_json or {}).items():
-            _write_json(os.path.join(tmp, name), data)
+            write_json(os.path.join(tmp, name), data, sort_keys=True)
 
     atomic_dir(out_dir, fill, overwrite)
 

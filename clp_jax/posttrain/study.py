@@ -4,13 +4,13 @@ on seen and unseen languages (Shimabucoro et al. 2025, "A Post-trainer's Guide t
 A cell is (model, design, tasks, N, training languages): English gets a fixed budget of examples per task,
 each training language N. `design` is `single` (one task per cell) or `multi` (all tasks in one cell);
 with `transfer_matrix`, extra cells train on English plus one seen language each, for a train-language x
-eval-language matrix. Cells are independent and resumable: a cell with a result.json is skipped.
+eval-language matrix. Cells are independent; `clp_jax.posttrain.study_run` runs them and reuses a cell while
+the config it was made from is unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -193,13 +193,6 @@ def result_rows(results: list[dict]) -> Iterator[dict[str, Any]]:
         for row in r["scores"]:
             yield {"cell": r["cell"], "model": r["model"], "design": r["design"], "tasks": "+".join(r["tasks"]),
                    "n": r["n"], "train_languages": "+".join(r["train_languages"]), **row}
-
-
-def load_result(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 __all__ = ["Cell", "StudyConfig", "cells", "eval_sets", "validate", "MATH_KINDS", "OVERLAP_KINDS", "task_kind"]

@@ -1,11 +1,12 @@
 """Checkpoints of a run: the train state, the data iterator's position and run metadata, through Orbax.
 
-The only module that touches Orbax. Each saved step is a directory ``<dir>/<step>/{state,data,meta}``;
+The only module that touches Orbax. Each saved step is a directory ``<dir>/<step>/{state,data,checksum,meta}``;
 Orbax writes it as ``<step>.orbax-checkpoint-tmp`` and renames it on commit (writing
 ``_CHECKPOINT_METADATA`` with a commit time and ``commit_success.txt``), so a process killed mid-save
 leaves only a tmp directory, which is never listed as a step and is deleted when the next run opens the
 directory. Restoring takes abstract arrays carrying the *target* shardings, so a run may resume on a
-different mesh. A step that fails to restore is reported and skipped in favour of the one before it.
+different mesh. A step that fails to restore, or whose state no longer matches the integer checksum saved
+with it (``state_checksum``), is reported and skipped in favour of the one before it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from pydantic import PositiveInt
@@ -27,7 +30,7 @@ from clp_jax.errors import ClpError
 
 log = logging.getLogger(__name__)
 
-STATE, DATA, META = "state", "data", "meta"
+STATE, DATA, META, CHECKSUM = "state", "data", "meta", "checksum"
 COMMIT_MARKERS = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
@@ -89,6 +92,41 @@ def abstract_like(tree: Any, shardings: Any = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _leaf_sum(x: jax.Array) -> jax.Array:
+    """The wrapping uint32 sum of a leaf's bits: each element bitcast to an unsigned int of its width."""
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    if x.dtype.itemsize == 8:
+        words = jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    else:
+        words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+    return jnp.sum(words, dtype=jnp.uint32)
+
+
+def _combine(sums: list[jax.Array]) -> jax.Array:
+    """One uint32 from per-leaf sums, FNV-1a style with the leaf index mixed in (so swapped leaves differ)."""
+    acc = jnp.uint32(2166136261)
+    for i, s in enumerate(sums):
+        acc = (acc ^ (s + jnp.uint32((i * 0x9E3779B1) & 0xFFFFFFFF))) * jnp.uint32(16777619)
+    return acc
+
+
+@jax.jit
+def _state_checksum(tree: Any) -> jax.Array:
+    return _combine([_leaf_sum(x) for x in jax.tree.leaves(tree)])
+
+
+def state_checksum(tree: Any) -> int:
+    """An exact uint32 checksum of every array leaf's bits, computed on device; independent of the sharding."""
+    out = _state_checksum(tree)
+    return int(np.asarray(out.addressable_shards[0].data))
+
+
+def _dtypes(tree: Any) -> list[str]:
+    return [str(np.dtype(x.dtype)) for x in jax.tree.leaves(tree)]
+
+
 def _json_dict(value: Mapping[str, Any], what: str) -> dict[str, Any]:
     """A JSON round-tripped copy of ``value`` (so a restore returns exactly it), or a ClpError naming ``what``."""
     try:
@@ -140,10 +178,14 @@ class Checkpointer:
         if step in self._manager.all_steps():  # e.g. a preemption save right after the periodic one
             return False
         data = _json_dict(data_state, f"the data state saved at step {step}")
-        items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data)}
+        if not force and not self._manager.should_save(step):
+            return False
+        checksum = {"state": state_checksum(state), "dtypes": _dtypes(state)}
+        items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data),
+                 CHECKSUM: ocp.args.JsonSave(checksum)}
         if self.meta is not None:
             items[META] = ocp.args.JsonSave(self.meta)
-        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+        return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
     def wait(self) -> None:
         """Block until every save in flight is committed."""
@@ -181,10 +223,24 @@ class Checkpointer:
         if step not in self._manager.all_steps():
             raise ClpError(f"{self.directory}: no checkpoint at step {step} (saved steps: {self.all_steps()})")
         self._check_committed(step)
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target_state_abstract),
-                                     DATA: ocp.args.JsonRestore()})
-        restored = self._manager.restore(step, args=args)
+        items = {STATE: ocp.args.StandardRestore(target_state_abstract), DATA: ocp.args.JsonRestore()}
+        has_checksum = (self._step_dir(step) / CHECKSUM).exists()  # checkpoints from before checksums have none
+        if has_checksum:
+            items[CHECKSUM] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        if has_checksum:
+            self._verify(step, restored[STATE], dict(restored[CHECKSUM]))
         return step, restored[STATE], dict(restored[DATA])
+
+    def _verify(self, step: int, state: Any, saved: dict[str, Any]) -> None:
+        """A ClpError unless ``state`` has the checksum saved with ``step``; skipped if restored as other dtypes."""
+        if saved.get("dtypes") != _dtypes(state):
+            log.info("checkpoint step %d restored with other dtypes than saved: checksum not checked", step)
+            return
+        got = state_checksum(state)
+        if got != saved.get("state"):
+            raise ClpError(f"{self._step_dir(step)}: checksum mismatch (saved {saved.get('state')}, restored "
+                           f"{got}): the checkpoint's bytes changed after it was written")
 
     def restore_latest_valid(self, target_state_abstract: Any) -> tuple[int, Any, dict[str, Any]] | None:
         """Restore the newest step that restores cleanly, warning about (and deleting) newer broken ones.

@@ -57,9 +57,10 @@ class TrainConfig(ConfigModel):
     export_every_steps: int | None = Field(None, ge=1)  # HF export mid-run
     export_final: bool = True  # HF export to run_dir/hf/final at the end
     nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = Field(10, ge=1)  # nonfinite=skip: stop after this many skipped steps in a row
     distributed: DistributedSection = DistributedSection()
     tensorboard: bool = True
-    peak_flops: float | None = Field(None, gt=0)  # for MFU; default: vendor peak, or a measured CPU matmul rate
+    peak_flops: float | None = Field(None, gt=0)  # for MFU; default: the chip table's vendor peak (none on CPU)
 
     @model_validator(mode="before")
     @classmethod

@@ -14,8 +14,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
+from clp_jax import progress
 from clp_jax.config import save_config
 from clp_jax.data.pipeline import Data, build_data
 from clp_jax.errors import ClpError
@@ -29,7 +29,7 @@ from clp_jax.sharding import batch_divisor, batch_sharding, mesh_from_config
 from clp_jax.train.checkpoint import Checkpointer
 from clp_jax.train.config import DistributedSection, TrainConfig
 from clp_jax.train.flops import train_step_flops
-from clp_jax.train.metrics import MetricsWriter, device_peak_flops
+from clp_jax.train.metrics import MetricsWriter, device_peak_flops, drop_metrics_after, json_safe
 from clp_jax.train.optimizer import make_optimizer
 from clp_jax.train.state import abstract_state, create_sharded_state
 from clp_jax.train.step import make_eval_step, make_train_step
@@ -110,6 +110,27 @@ def check_shapes(cfg: TrainConfig, model_cfg: TransformerConfig, mesh: jax.shard
                        f"({mesh.shape['data']}*{mesh.shape['fsdp']}) = {need}; use data.batch_size={options}")
 
 
+_META_NAMES = {"init": "model.init", "seq_len": "data.seq_len"}
+
+
+def run_meta(cfg: TrainConfig) -> dict[str, Any]:
+    """What each checkpoint records about its run; a resume with other values is refused."""
+    return {"init": os.path.abspath(cfg.model.init), "seq_len": cfg.data.seq_len}
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's loss, tokens/s and (when known) MFU."""
+    out = {"loss": f"{record['loss']:.4f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+    if "mfu" in record:
+        out["mfu"] = f"{record['mfu']:.1%}"
+    return out
+
+
+def _good(record: dict[str, Any]) -> bool:
+    """False when the step was skipped (non-finite loss or gradients) or left non-finite parameters."""
+    return not record.get("nonfinite") and math.isfinite(record.get("param_norm", 0.0))
+
+
 class Trainer:
     """One run: set up from a TrainConfig (resuming from its run dir when checkpoints exist), then ``run()``."""
 
@@ -119,18 +140,21 @@ class Trainer:
         self.mesh = mesh_from_config(cfg.mesh)
         self.model_cfg, self.export_dtype = _model_config(cfg)
         check_shapes(cfg, self.model_cfg, self.mesh)
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        if jax.process_index() == 0:
-            save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-        self.tokenizer = load_tokenizer(cfg.model.init)
-        check_tokenizer_fits(self.tokenizer, self.model_cfg.vocab_size, cfg.model.init)
-        self.data = build_data(cfg.data, self.tokenizer, steps=cfg.steps)
-        _say("data:\n" + self.data.format_report())
-        _write_json(os.path.join(cfg.run_dir, "data_report.json"), self.data.report())
-        self.optimizer = make_optimizer(cfg.optimizer)
         self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint,
-                                         meta={"init": os.path.abspath(cfg.model.init)})
-        self.state, self.step = self._initial_state()
+                                         meta=run_meta(cfg))
+        try:
+            self._check_resumable()
+            self.tokenizer = load_tokenizer(cfg.model.init)
+            check_tokenizer_fits(self.tokenizer, self.model_cfg.vocab_size, cfg.model.init)
+            self.data = build_data(cfg.data, self.tokenizer, steps=cfg.steps)
+            _say("data:\n" + self.data.format_report())
+            self.optimizer = make_optimizer(cfg.optimizer)
+            self.state, self.step = self._initial_state()
+        except BaseException:
+            self.checkpointer.close()
+            raise
+        self._write_run_files()  # only now: a rejected resume leaves the run dir as it was
+        self.skipped_in_a_row = 0
         self.train_step = make_train_step(self.model_cfg, self.optimizer, self.mesh, cfg.grad_accum_steps,
                                           skip_nonfinite=cfg.nonfinite == "skip")
         self.eval_step = make_eval_step(self.model_cfg, self.mesh)
@@ -139,6 +163,9 @@ class Trainer:
         restored = self.checkpointer.restore_latest_valid(abstract_state(self.model_cfg, self.mesh, self.optimizer))
         if restored is not None:
             step, state, data_state = restored
+            if step > self.cfg.steps:
+                raise ClpError(f"{self.cfg.run_dir}: its latest checkpoint is at step {step}, past steps="
+                               f"{self.cfg.steps}; set steps={step} or more to continue it, or use another run_dir")
             self.data.train.set_state(data_state)
             _say(f"resumed from checkpoint at step {step}")
             return state, step
@@ -148,37 +175,90 @@ class Trainer:
              f"mesh {dict(self.mesh.shape)})")
         return create_sharded_state(params, self.model_cfg, self.optimizer, self.mesh), 0
 
+    def _check_resumable(self) -> None:
+        """A ClpError when the latest checkpoint was saved by a run with another model.init or data.seq_len."""
+        step = self.checkpointer.latest_step()
+        try:
+            saved = self.checkpointer.read_meta(step) if step is not None else None
+        except Exception:  # an unreadable step: restore_latest_valid reports it and falls back
+            return
+        saved, ours = saved or {}, self.checkpointer.meta or {}
+        diff = [f"{_META_NAMES[k]}={saved[k]} (this run: {v})" for k, v in ours.items() if k in saved and saved[k] != v]
+        if diff:
+            raise ClpError(f"{self.cfg.run_dir}: its checkpoint at step {step} was saved with {'; '.join(diff)}; "
+                           "rerun with the same settings to resume it, or use another run_dir")
+
+    def _write_run_files(self) -> None:
+        """config.yaml and data_report.json of this run, and metrics.jsonl cut back to the step it starts from."""
+        if jax.process_index() != 0:
+            return
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        save_config(self.cfg, os.path.join(self.cfg.run_dir, "config.yaml"))
+        write_json(os.path.join(self.cfg.run_dir, "data_report.json"), self.data.report())
+        # a fresh start (no checkpoint) logs from step 0 again; a resume from the checkpoint's step onwards
+        dropped = drop_metrics_after(self.cfg.run_dir, self.step if self.step else -1)
+        if dropped:
+            _say(f"metrics.jsonl: dropped {dropped} records of steps this run logs again")
+
     def export(self, out_dir: str) -> None:
         """The current parameters as an HF dir, in the initial checkpoint's dtype, with the tokenizer."""
         save_pretrained(out_dir, self.state.params, self.model_cfg.replace(param_dtype=self.export_dtype),
                         base_config=read_config_dict(self.cfg.model.init), tokenizer=self.tokenizer, overwrite=True)
 
-    def _check_finite(self, pending: list[tuple[int, dict]]) -> list[dict]:
+    def _check_finite(self, pending: list[tuple[int, dict]], writer: MetricsWriter) -> list[dict]:
+        """Host copies of the pending steps' metrics; a ClpError (after logging them) for a non-finite step under
+        nonfinite=stop, or for the ``max_skipped_steps``-th skipped step in a row under nonfinite=skip."""
         records = []
         for step, m in pending:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
-            if m["nonfinite"] and self.cfg.nonfinite == "stop":
-                last = self.checkpointer.latest_step()
-                raise ClpError(f"step {step}: loss or gradients are not finite (loss={m['loss']}); stopped. "
-                               f"Last good checkpoint: step {last} in {self.cfg.run_dir}/checkpoints "
-                               "(lower the learning rate, or set nonfinite=skip)")
             records.append({"step": step, **m})
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if m["nonfinite"] else 0
+            if self.cfg.nonfinite == "stop" and m["nonfinite"]:
+                problem, advice = f"loss or gradients are not finite (loss={m['loss']})", "or set nonfinite=skip"
+            elif self.skipped_in_a_row >= self.cfg.max_skipped_steps:
+                problem = (f"{self.skipped_in_a_row} steps in a row skipped for a non-finite loss or gradients "
+                           f"(max_skipped_steps={self.cfg.max_skipped_steps})")
+                advice = "or raise max_skipped_steps"
+            else:
+                continue
+            for r in records:
+                writer.write(r.pop("step"), r)
+            raise ClpError(f"step {step}: {problem}; stopped. {self._last_good()} (lower the learning rate, {advice})")
         return records
+
+    def _last_good(self) -> str:
+        """Where a rerun would resume from: the newest checkpoint, or the start."""
+        last = self.checkpointer.latest_step()
+        where = f"{self.cfg.run_dir}/checkpoints"
+        if last is None:
+            return f"No checkpoint saved yet in {where}: a rerun starts again from model.init"
+        return f"Last good checkpoint: step {last} in {where}"
+
+    def _peak_flops(self) -> float | None:
+        """The FLOP/s that MFU divides by: ``peak_flops`` or the chip table's; None (no MFU) for a CPU."""
+        if self.cfg.peak_flops:
+            peak, source = self.cfg.peak_flops, "config peak_flops"
+        else:
+            peak, source = device_peak_flops()
+        if peak is None:
+            _say(f"MFU: no known peak for {source}; set peak_flops to report it")
+        else:
+            _say(f"MFU against {peak / 1e12:.3g} TFLOP/s: {source}")
+        return peak
 
     def run(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps``; ``on_step(step)`` is called after each step's logging and checkpointing."""
         cfg, data = self.cfg, self.data
         writer = MetricsWriter(cfg.run_dir, cfg.tensorboard)
         flag = self.checkpointer.install_preemption_handler()
-        peak, peak_source = (cfg.peak_flops, "config") if cfg.peak_flops else device_peak_flops()
+        peak = self._peak_flops()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         flops_per_step = train_step_flops(self.model_cfg, tokens_per_step, cfg.data.seq_len)
-        _say(f"MFU against {peak / 1e12:.3g} TFLOP/s: {peak_source}")
         pending: list[tuple[int, dict]] = []
         last: dict[str, Any] = {}
         status = "finished"
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = progress.bar(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+                           dynamic_ncols=True)
         try:
             if cfg.eval.at_start and self.step == 0:
                 writer.write(0, evaluate(self.state.params, self.eval_step, data, self.mesh, cfg.eval.max_batches))
@@ -196,21 +276,22 @@ class Trainer:
                 eval_now = self.step % cfg.eval.every_steps == 0 or self.step == cfg.steps
                 preempt = self.checkpointer.should_save_for_preemption(self.step)
                 if log_now or save_now or eval_now or preempt:
-                    records = self._check_finite(pending)
+                    records = self._check_finite(pending, writer)
                     pending = []
                     rate = window_steps / (time.perf_counter() - window_start)
-                    last = dict(records[-1], tokens_per_s=rate * tokens_per_step,
-                                mfu=rate * flops_per_step / peak)
+                    last = dict(records[-1], tokens_per_s=rate * tokens_per_step)
+                    if peak is not None:
+                        last["mfu"] = rate * flops_per_step / peak
                     if eval_now:
                         last.update(evaluate(self.state.params, self.eval_step, data, self.mesh,
                                              cfg.eval.max_batches))
                     for r in records[:-1]:
                         writer.write(r.pop("step"), r)
                     writer.write(self.step, {k: v for k, v in last.items() if k != "step"})
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                    mfu=f"{last['mfu']:.1%}")
+                    bar.set_postfix(_postfix(last))
                     window_start, window_steps = time.perf_counter(), 0  # rates exclude eval and logging
-                self.checkpointer.save(self.step, self.state, data.train.get_state())
+                if _good(last):  # no periodic checkpoint of a bad state, so good ones are not rotated out
+                    self.checkpointer.save(self.step, self.state, data.train.get_state())
                 if cfg.export_every_steps and self.step % cfg.export_every_steps == 0 and self.step < cfg.steps:
                     self.export(os.path.join(cfg.run_dir, "hf", f"step_{self.step}"))
                 bar.update(1)
@@ -219,7 +300,6 @@ class Trainer:
                 if preempt:
                     self.checkpointer.save(self.step, self.state, data.train.get_state(), force=True)
                     status = "preempted"
-                    _say(f"preemption signal: saved step {self.step}; a restart resumes from it")
                     break
             if status == "finished":
                 self.checkpointer.save(self.step, self.state, data.train.get_state(), force=True)
@@ -230,8 +310,8 @@ class Trainer:
             flag.close()
         if status == "finished" and cfg.export_final:
             self.export(os.path.join(cfg.run_dir, "hf", "final"))
-        summary = {"status": status, "step": self.step, "run_dir": cfg.run_dir,
-                   **{k: v for k, v in last.items() if k != "step"}}
+        summary = json_safe({"status": status, "step": self.step, "run_dir": cfg.run_dir,
+                             **{k: v for k, v in last.items() if k != "step"}, "data": data.train.counters()})
         _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
         self.checkpointer.close()
         return summary

@@ -22,7 +22,7 @@ Array = jax.Array
 
 
 def token_targets(tokens: Array, segment_ids: Array) -> tuple[Array, Array]:
-    """``next_token_targets`` in jnp: targets ``tokens[:, t + 1]`` and float32 weights (same segment, not padding)."""
+    """Next-token targets: targets ``tokens[:, t + 1]`` and float32 weights (same segment, not padding)."""
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     same = (segment_ids[:, :-1] != 0) & (segment_ids[:, 1:] == segment_ids[:, :-1])
     weights = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1).astype(jnp.float32)
@@ -41,6 +41,14 @@ def weighted_nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, ch
     t = hidden.shape[1]
     chunk = t if chunk is None else max(1, min(chunk, t))
     return _nll_sum(hidden, w, targets, weights.astype(jnp.float32), chunk, vocab_major, softcap)
+
+
+def row_nll_sums(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int | None = None,
+                 vocab_major: bool = True, softcap: float | None = None) -> Array:
+    """``weighted_nll_sum`` of each row [B], float32: per-document sums for evaluation."""
+    def one(h: Array, t: Array, wt: Array) -> Array:
+        return weighted_nll_sum(h[None], w, t[None], wt[None], chunk, vocab_major, softcap)
+    return jax.vmap(one)(hidden, targets, weights)
 
 
 def _chunks(x: Array, chunk: int) -> Array:

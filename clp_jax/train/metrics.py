@@ -1,8 +1,9 @@
-"""Run metrics: JSONL (one object per line), TensorBoard event files (tensorboardX, no tensorflow), MFU."""
+"""Run metrics: JSONL (one object per line, null for NaN/inf), TensorBoard event files (tensorboardX), MFU."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -12,15 +13,17 @@ import jax
 import numpy as np
 
 from clp_jax.chips import chip_for_device_kind
+from clp_jax.files import atomic_open
 
 
-def device_peak_flops(measure_seconds: float = 1.0) -> tuple[float, str]:
-    """Peak FLOP/s of all devices together: a vendor figure for known accelerators, else a measured matmul rate."""
+def device_peak_flops() -> tuple[float | None, str]:
+    """(vendor bf16 peak FLOP/s of all devices together, its source) from the chip table; None for a CPU or an
+    unknown chip, which have no vendor peak (the source is then the device kind)."""
     kind = jax.devices()[0].device_kind
     chip = chip_for_device_kind(kind)
-    if chip is not None:
-        return chip.peak_flops * jax.device_count(), f"{kind} (vendor bf16 peak)"
-    return measure_matmul_flops(measure_seconds), f"{kind} (measured float32 matmul)"
+    if chip is None:
+        return None, kind
+    return chip.peak_flops * jax.device_count(), f"{kind} (vendor bf16 peak)"
 
 
 def measure_matmul_flops(seconds: float = 1.0, n: int = 1024) -> float:
@@ -53,8 +56,8 @@ class MetricsWriter:
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: _scalar(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+        clean = json_safe({k: _scalar(v) for k, v in metrics.items()})
+        self._jsonl.write(json.dumps({"step": step, **clean}, sort_keys=True, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
@@ -74,6 +77,40 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, np.generic):
         v = v.item()
     return v
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in nested dicts and lists too) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def drop_metrics_after(run_dir: str, step: int) -> int:
+    """Rewrite ``metrics.jsonl`` atomically without its records past ``step`` (and unreadable lines, e.g. one cut
+    short by a kill), so a resumed run logs each step once; returns how many lines were dropped."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if (s := _step_of(line)) is not None and s <= step]
+    if len(kept) < len(lines):
+        with atomic_open(path) as f:
+            f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

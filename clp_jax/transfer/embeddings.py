@@ -39,9 +39,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clp_jax.sharding import LOGICAL_AXIS_RULES, logical_to_spec, named_sharding
-from clp_jax.transfer.validate import BLOCKED_STRATEGIES, HELPER_STRATEGIES, piece_table, validate_inputs
-from clp_jax.transfer.validate import STRATEGIES as STRATEGIES  # re-exported for callers
-from clp_jax.transfer.weights import (
+from clp_jax.transfer.block_rows import (
     REASONS,
     BlockOptions,
     block_embeddings,
@@ -51,11 +49,18 @@ from clp_jax.transfer.weights import (
     segment_norms,
     unit_rows,
 )
+from clp_jax.transfer.validate import (
+    BLOCKED_STRATEGIES,
+    HELPER_STRATEGIES,
+    MAX_NORM_FACTOR,
+    MIN_MEAN_COS,
+    piece_table,
+    validate_inputs,
+)
+from clp_jax.transfer.validate import STRATEGIES as STRATEGIES  # re-exported for callers
 
 FALLBACK = "mean of the overlapping source rows"
 RANDOM_FALLBACK = "mean of all source rows"
-MIN_MEAN_COS = 0.01  # clp: a cosine sum below 1% of the overlap size (mean cosine < 0.01) is ill-conditioned
-MAX_NORM_FACTOR = 1.5  # any strategy: a row 1.5x longer than the longest source row is ill-conditioned
 RULE = ("a computed row is ill-conditioned when its helper row is zero or not finite (zero_helper); for clp, "
         "when sum_j cos(h_i, h_j) <= min_mean_cos x overlap or is not finite (cos_sum); for fvt, when its text "
         "encodes to no source token (no_pieces); for every strategy, when it is longer than max_norm_factor x "

@@ -15,10 +15,10 @@ from clp_jax import models
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import tree_shardings
 from clp_jax.transfer.align import VocabAlignment
-from clp_jax.transfer.embeddings import STRATEGIES as EMBEDDING_STRATEGIES
 from clp_jax.transfer.embeddings import TransferStats, init_target_embeddings
+from clp_jax.transfer.validate import ALL_STRATEGIES, DEFAULT_STRATEGY
 
-STRATEGIES = (*EMBEDDING_STRATEGIES, "from-scratch")
+STRATEGIES = ALL_STRATEGIES
 EMBEDDING_PATHS = (("embed", "embedding"), ("lm_head", "kernel"))
 
 
@@ -28,7 +28,7 @@ def embedding_paths(cfg: TransformerConfig) -> tuple[tuple[str, ...], ...]:
 
 
 def transfer_params(params: dict, cfg: TransformerConfig, helper_embedding: Any, alignment: VocabAlignment,
-                    target_vocab_size: int, *, strategy: str = "clp", mesh: Mesh,
+                    target_vocab_size: int, *, strategy: str = DEFAULT_STRATEGY, mesh: Mesh,
                     **options: Any) -> tuple[dict, TransformerConfig, TransferStats]:
     """Target-language parameters: ``params`` with its embedding matrices re-initialized for the target vocab.
 

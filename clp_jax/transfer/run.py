@@ -36,6 +36,7 @@ from clp_jax.sharding import MeshConfig, mesh_from_config
 from clp_jax.transfer.align import VocabAlignment, align_vocabularies, fvt_pieces
 from clp_jax.transfer.embeddings import HELPER_STRATEGIES, MAX_NORM_FACTOR, MIN_MEAN_COS, RULE
 from clp_jax.transfer.pipeline import STRATEGIES, embedding_paths, from_scratch_params, transfer_params
+from clp_jax.transfer.validate import DEFAULT_STRATEGY
 
 Strategy = Literal["clp", "clp-topk", "clp-sparsemax", "omp", "fvt", "random", "mean", "overlap", "from-scratch"]
 assert set(Strategy.__args__) == set(STRATEGIES)
@@ -48,7 +49,7 @@ class TransferConfig(ConfigModel):
     helper: str | None = None
     out: str
     helper_tokenizer: str | None = None
-    strategy: Strategy = "clp"
+    strategy: Strategy = DEFAULT_STRATEGY
     matching: Literal["auto", "exact", "canonical"] = "auto"
     seed: int = 0
     block_size: int = pydantic.Field(1024, ge=1)

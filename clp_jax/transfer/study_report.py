@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from clp_jax.eval.report import plot_eval_curves, plot_value_bars
+from clp_jax.eval.curves import plot_eval_curves, plot_value_bars
 from clp_jax.files import atomic_open, write_json
 
 
