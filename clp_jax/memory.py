@@ -4,8 +4,11 @@ available RAM when the devices are CPU devices (they all live in it)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from jax.sharding import Mesh
+
+from clp_jax.errors import ClpError
 
 GIB = 1024**3
 
@@ -41,3 +44,21 @@ def device_budget(mesh: Mesh) -> tuple[int, str] | None:
         if host is not None:
             return host // mesh.devices.size, f"available host RAM / {mesh.devices.size} CPU devices"
     return None
+
+
+def compiled_extra_bytes(compiled: Any) -> int | None:
+    """Bytes one device needs to run ``compiled`` beyond its (already resident) inputs: XLA's temporaries plus the
+    outputs not aliased to donated inputs; None when XLA gives no analysis."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes + max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0))
+
+
+def check_compiled_fits(compiled: Any, mesh: Mesh, what: str, advice: str) -> None:
+    """A ClpError before the first run of ``compiled`` when XLA's memory analysis exceeds a device's free memory."""
+    budget, need = device_budget(mesh), compiled_extra_bytes(compiled)
+    if budget is None or need is None or need <= budget[0]:
+        return
+    raise ClpError(f"{what} needs about {format_bytes(need)} per device beyond its inputs (XLA's memory analysis "
+                   f"of the compiled step) but only {format_bytes(budget[0])} are free ({budget[1]}); {advice}")

@@ -248,6 +248,22 @@ def test_seq_len_past_learned_positions_or_batch_the_mesh_cannot_split_fail_befo
     assert not (tmp_path / "run").exists()
 
 
+def test_a_train_step_past_the_free_memory_is_refused_before_it_runs(tmp_path, capsys, monkeypatch):
+    """XLA's memory analysis of the compiled step against the free memory: one line naming the sizes and the fix."""
+    from clp_jax import memory
+
+    config = make_train_config(tmp_path, steps=4)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 8 * 1024)  # 1 KiB per CPU device
+    capsys.readouterr()
+    assert main(["train", "--config", config]) == 2
+    out, err = capsys.readouterr()
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("clp-jax train: error: the train step (data.batch_size 8 x data.seq_len 32"), err
+    assert "per device beyond its inputs" in line and "raise grad_accum_steps" in line, err
+    assert "only 0.0 MiB are free (available host RAM / 8 CPU devices)" in line, err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+
+
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed on localhost) give the losses of 1 process x 8 devices."""
     import portpicker

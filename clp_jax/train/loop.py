@@ -24,6 +24,7 @@ from clp_jax.files import write_json
 from clp_jax.hf.reader import load_params, read_config, read_config_dict
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.hf.writer import save_pretrained
+from clp_jax.memory import check_compiled_fits
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import batch_divisor, batch_sharding, mesh_from_config
 from clp_jax.train.checkpoint import Checkpointer
@@ -246,6 +247,22 @@ class Trainer:
             _say(f"MFU against {peak / 1e12:.3g} TFLOP/s: {source}")
         return peak
 
+    def _compile_step(self, batch: dict[str, jax.Array]) -> Callable:
+        """The train step compiled for this run's shapes, refused first when it cannot fit in a device's memory.
+
+        Single-process runs only: on XLA:CPU an ahead-of-time compile in several processes breaks the collectives'
+        set-up, so multi-host runs jit as usual (`clp-jax plan` checks their memory before a pod is paid for).
+        """
+        if jax.process_count() > 1:
+            return self.train_step
+        compiled = self.train_step.lower(self.state, batch).compile()
+        d = self.cfg.data
+        check_compiled_fits(compiled, self.mesh, f"the train step (data.batch_size {d.batch_size} x data.seq_len "
+                            f"{d.seq_len}, grad_accum_steps {self.cfg.grad_accum_steps})",
+                            "lower data.batch_size or data.seq_len, raise grad_accum_steps, or set model.remat=true "
+                            "or model.logits_chunk=256")
+        return compiled
+
     def run(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train to ``cfg.steps``; ``on_step(step)`` is called after each step's logging and checkpointing."""
         cfg, data = self.cfg, self.data
@@ -263,9 +280,11 @@ class Trainer:
             if cfg.eval.at_start and self.step == 0:
                 writer.write(0, evaluate(self.state.params, self.eval_step, data, self.mesh, cfg.eval.max_batches))
             window_start, window_steps = time.perf_counter(), 0
+            step_fn = None
             while self.step < cfg.steps:
                 batch = _global_batch(next(data.train), self.mesh)
-                self.state, metrics = self.train_step(self.state, batch)
+                step_fn = step_fn or self._compile_step(batch)
+                self.state, metrics = step_fn(self.state, batch)
                 self.step += 1
                 window_steps += 1
                 pending.append((self.step, metrics))
