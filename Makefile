@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+TEST_WORKERS ?= 2
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 export PYTHONDONTWRITEBYTECODE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -29,7 +30,7 @@ demo: $(VENV)/.runtime
 	$(BIN)/clp-jax demo --out demo_out
 
 test: $(VENV)/.dev
-	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/python -m pytest -q tests
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check clp_jax tests scripts

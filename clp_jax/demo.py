@@ -42,8 +42,8 @@ from clp_jax.posttrain.tasks import math_problems, write_jsonl
 from clp_jax.sharding import MeshConfig, make_mesh, tree_shardings
 from clp_jax.train.config import EvalSection, ModelSection, TrainConfig
 from clp_jax.train.loop import Trainer
-from clp_jax.train.metrics import read_metrics
 from clp_jax.train.optimizer import OptimizerConfig
+from clp_jax.train.run_log import read_metrics
 from clp_jax.transfer.study import (
     DEFAULT_STRATEGIES,
     StudyEval,

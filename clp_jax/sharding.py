@@ -134,6 +134,15 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in LOGICAL_AXIS_RULES["batch"] if axis in mesh.shape)
 
 
+def global_batch(rows: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's rows -> global arrays (every host's rows together) sharded over the batch axes."""
+    out = {}
+    for k, v in rows.items():
+        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), v, global_shape)
+    return out
+
+
 def mesh_from_config(cfg: MeshConfig) -> Mesh:
     """The mesh a run's ``mesh:`` section asks for."""
     return make_mesh(cfg.data, cfg.fsdp, cfg.tensor)

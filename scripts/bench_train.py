@@ -27,8 +27,8 @@ from clp_jax import models
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import make_mesh
 from clp_jax.train.flops import train_step_flops
-from clp_jax.train.metrics import measure_matmul_flops
 from clp_jax.train.optimizer import OptimizerConfig, make_optimizer
+from clp_jax.train.run_log import measure_matmul_flops
 from clp_jax.train.state import create_sharded_state
 from clp_jax.train.step import make_train_step
 

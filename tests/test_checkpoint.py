@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from clp_jax.errors import ClpError
 from clp_jax.sharding import make_mesh, tree_shardings
-from clp_jax.train.checkpoint import CheckpointConfig, Checkpointer, abstract_like, state_checksum
+from clp_jax.train.checkpoint import CheckpointConfig, Checkpointer, state_checksum
 
 LOGGER = "clp_jax.train.checkpoint"
 
@@ -38,6 +38,12 @@ def make_state(mesh, seed=0):
     mu = jax.device_put(rng.standard_normal((8, 16)).astype(np.float32), rows)
     step = jax.device_put(jnp.int32(seed + 7), NamedSharding(mesh, P()))
     return TinyState(step=step, params={"w": w, "emb": emb}, opt_state={"mu": mu})
+
+
+def abstract_like(tree, shardings=None):
+    """The restore target: ShapeDtypeStructs with the arrays' own shardings or those of ``shardings``."""
+    shardings = jax.tree.map(lambda x: x.sharding, tree) if shardings is None else shardings
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def host_copy(tree):
@@ -289,6 +295,23 @@ def test_save_killed_midway_leaves_a_tmp_dir_that_is_ignored_and_cleaned(tmp_pat
         ckpt.wait()
         assert ckpt.all_steps() == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+OPEN_AND_EXIT = """
+import sys
+from clp_jax.train.checkpoint import Checkpointer
+Checkpointer(sys.argv[1]).close()
+"""
+
+
+def test_a_run_that_exits_before_saving_still_deletes_the_leftover_without_errors(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "2.orbax-checkpoint-tmp").mkdir()  # a save killed midway, as the test above leaves it
+    proc = subprocess.run([sys.executable, "-c", OPEN_AND_EXIT, str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
 
 
 def test_sigterm_sets_the_preemption_flag(tmp_path):

@@ -93,3 +93,22 @@ def test_no_libtpu_errors_on_a_host_without_a_tpu():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "cpu", run.stderr
     assert "TPU" not in run.stderr, run.stderr
+
+
+def test_a_preempted_pipeline_exits_75_with_one_line(monkeypatch, capsys):
+    """A study or demo whose Trainer run was preempted raises Preempted: exit 75 (resume by rerunning), not 2."""
+    from clp_jax.cli import train_cmd
+    from clp_jax.errors import Preempted, stopped_run_error
+
+    err = stopped_run_error("runs/x", {"status": "preempted", "step": 7})
+    assert isinstance(err, Preempted) and "stopped at step 7 (preempted)" in str(err)
+    assert not isinstance(stopped_run_error("runs/x", {"status": "nonfinite", "step": 7}), Preempted)
+
+    def preempted(args):
+        raise err
+
+    monkeypatch.setattr(train_cmd, "run_trainer", preempted)
+    assert main(["train", "--run-dir", "runs/x"]) == 75
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["clp-jax train: preempted: runs/x: training stopped at step 7 (preempted); rerun the same "
+                     "command to resume it (exit 75)"]

@@ -4,21 +4,49 @@ import json
 import os
 import pathlib
 
+import numpy as np
+import pytest
+import torch
+import transformers
 import yaml
 from train_setup import make_train_config
 
 from clp_jax.cli.main import main
 from clp_jax.config import load_config
+from clp_jax.data.pipeline import build_data
+from clp_jax.hf.tokenizer import load_tokenizer
 from clp_jax.posttrain.tasks import math_problems
 from clp_jax.posttrain.tasks import write_jsonl as write_jsonl_task
 from clp_jax.train.config import TrainConfig
-from clp_jax.train.metrics import read_metrics
+from clp_jax.train.run_log import read_metrics
 
 
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def response_only_oracle(model_dir, rows, pairs):
+    """(mean nll, count) of the response tokens and (mean nll, count) of every token of one-example-per-row rows,
+    by the HF model in torch. A row is the tail of a prompt (`inputs + "\\n"`, trimmed from the left when
+    long), never a target, then a whole response and EOS: which one is found by its tokens."""
+    tokenizer = load_tokenizer(model_dir)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    examples = [(encode(p + "\n"), encode(r) + [tokenizer.eos_token_id]) for p, r in pairs]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    response, every = [], []
+    for tokens, segments in zip(rows["tokens"], rows["segment_ids"]):
+        row = tokens[segments == 1].tolist()
+        kept = {len(row) - len(r) for p, r in examples
+                if 1 <= len(row) - len(r) <= len(p) and row == p[len(p) - len(row) + len(r):] + r}
+        assert len(kept) == 1, "a row that is not the tail of one prompt and its whole response"
+        with torch.no_grad():
+            logits = hf(input_ids=torch.as_tensor([row])).logits[0].double()
+        nll = -torch.log_softmax(logits[:-1], -1).gather(1, torch.as_tensor(row[1:])[:, None])[:, 0]
+        response += nll[kept.pop() - 1:].tolist()  # the targets after the last prompt token
+        every += nll.tolist()
+    return (float(np.mean(response)), len(response)), (float(np.mean(every)), len(every))
 
 
 def test_sft_multitask_run(tmp_path, capsys):
@@ -45,6 +73,15 @@ def test_sft_multitask_run(tmp_path, capsys):
     assert saved["data"]["mode"] == "sft"
     records = [r for r in read_metrics(str(tmp_path / "sft")) if "loss" in r]
     assert records[-1]["loss"] < records[0]["loss"]
+    # the first step's loss is the initial model's on the first batch: over response tokens only
+    run_cfg = load_config(TrainConfig, tmp_path / "sft" / "config.yaml")
+    first_batch = next(build_data(run_cfg.data, load_tokenizer(run_cfg.model.init), process_index=0,
+                                  process_count=1).train)
+    pairs = [(r["inputs"], r["targets"]) for r in qa + chat]
+    (loss, count), (every_loss, every_count) = response_only_oracle(run_cfg.model.init, first_batch, pairs)
+    assert records[0]["step"] == 1 and records[0]["tokens"] == count < every_count
+    assert records[0]["loss"] == pytest.approx(loss, abs=1e-5)
+    assert abs(every_loss - loss) > 1e-3  # so a loss that also weighted the prompt tokens would fail
     assert "eval/math-en/loss" in records[-1] and "eval/chat-de/loss" in records[-1]
     assert all(records[-1][f"eval/{s}/bpb"] > 0 for s in ("math-en", "chat-de"))  # over response bytes
     assert os.path.isdir(tmp_path / "sft" / "hf" / "final")

@@ -86,6 +86,17 @@ def test_no_eval_documents_means_empty_eval_sets(corpus, en_tokenizer):
     assert sum(s["documents"] for s in data.report()["sources"]) == len(corpus["en"]) + len(corpus["de"])
 
 
+def test_report_shows_a_unimax_budget_beyond_every_cap_as_leftover(corpus, en_tokenizer):
+    mixture = MixtureConfig(kind="unimax", budget=1e9, max_epochs=2)
+    data = build_data(config(corpus, mixture=mixture), en_tokenizer, process_index=0, process_count=1)
+    tokens = {s["name"]: s["tokens"] for s in data.report()["sources"]}
+    leftover = 1e9 - 2 * sum(tokens.values())
+    assert data.mixture.leftover == pytest.approx(leftover)
+    assert data.report()["mixture"]["leftover"] == pytest.approx(leftover)
+    assert all(e == pytest.approx(2) for e in data.expected_epochs().values())
+    assert f"leftover budget not drawn (every source at its epoch cap): {leftover:,.0f} tokens" in data.format_report()
+
+
 def test_holdout_depends_on_texts_not_order():
     texts = [f"document {i}" for i in range(50)] + ["document 3"]
     mask = holdout_mask(texts, 5)

@@ -7,7 +7,7 @@ import pydantic
 import pytest
 
 from clp_jax.config import load_config
-from clp_jax.data.sources import Document, SourceConfig, read_documents, read_source
+from clp_jax.data.sources import Document, SourceConfig, read_source
 from clp_jax.errors import ClpError
 
 
@@ -36,7 +36,6 @@ def test_text_one_document_per_line_skips_blank_lines_and_strips(tmp_path):
     assert {(d.language, d.task) for d in data.documents} == {("de", "lm")}
     assert data.stats.documents == 3 and data.stats.files == [str(path)] and data.stats.skipped_undecodable == 0
     assert data.language == "de"
-    assert list(read_documents(SourceConfig(name="de", path=str(path), language="de"))) == data.documents
 
 
 def test_text_one_document_per_file_keeps_paragraphs(tmp_path):

@@ -132,6 +132,17 @@ def test_aggregate_seen_unseen_means_and_gap():
     assert out["unseen"]["dialogue"] == {"chrf": None} and out["gap"]["dialogue"] == {"chrf": None}
 
 
+def test_aggregate_leaves_languages_in_neither_list_out_of_the_means():
+    results = [{"language": lang, "task": "math", "exact_match": v}
+               for lang, v in {"en": 90.0, "de": 60.0, "sw": 20.0, "yo": 40.0}.items()]
+    out = aggregate(results, seen_languages=["de"], unseen_languages=["sw", "yo"])
+    assert out["languages"]["math"] == {"seen": ["de"], "unseen": ["sw", "yo"]}
+    assert out["per_language"]["math"]["en"] == {"exact_match": 90.0}
+    assert (out["seen"]["math"], out["unseen"]["math"]) == ({"exact_match": 60.0}, {"exact_match": 30.0})
+    assert out["gap"]["math"] == {"exact_match": 30.0}
+    assert aggregate(results, ["de"])["unseen"]["math"] == {"exact_match": 50.0}  # default: en counts as unseen
+
+
 def test_aggregate_errors():
     with pytest.raises(ClpError, match="'math' in language 'de' is scored twice"):
         aggregate([{"language": "de", "task": "math", "exact_match": 1.0}] * 2, ["de"])

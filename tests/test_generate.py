@@ -10,9 +10,10 @@ import torch
 from hf_models import make_hf_model
 
 from clp_jax import models
+from clp_jax.cli.generate_cmd import eos_ids
 from clp_jax.cli.main import main
 from clp_jax.hf.reader import load_params
-from clp_jax.posttrain.generate import encode_prompts, generate, generate_arrays, generate_text, left_pad
+from clp_jax.posttrain.generate import encode_prompts, generate, generate_arrays, left_pad, pad_token_id
 from clp_jax.sharding import make_mesh
 
 LENGTHS = (5, 11, 1)  # prompts of different lengths, one of a single token
@@ -110,16 +111,20 @@ def test_sampling_seeds_temperature_and_top_k(tmp_root):
     assert sample(temperature=1.0, top_k=1, seed=4) == greedy("gpt2", tmp_root)
 
 
-def test_generate_text_encodes_batches_and_decodes(tmp_root, en_tokenizer):
-    _, cfg, params, _, _ = setup("gpt2", tmp_root)
+def test_cli_chat_completions_are_the_greedy_tokens_of_the_sft_prompts(en_gpt2_dir, en_tokenizer, capsys):
     prompts = ["the house is small", "a child reads a book while the old man", "rain"]
     ids = encode_prompts(en_tokenizer, prompts, chat=True)  # no chat template: the SFT format, prompt + newline
     assert ids == [en_tokenizer(p + "\n", add_special_tokens=False)["input_ids"] for p in prompts]
-    texts = generate_text(params, cfg, en_tokenizer, prompts, max_new_tokens=N, chat=True)
-    expected = generate(params, cfg, ids, max_new_tokens=N, eos_id=en_tokenizer.eos_token_id,
-                        pad_id=en_tokenizer.eos_token_id)
-    assert texts == en_tokenizer.batch_decode(expected, skip_special_tokens=True)
-    assert generate_text(params, cfg, en_tokenizer, [], max_new_tokens=N) == []
+    assert encode_prompts(en_tokenizer, []) == []
+    args = ["generate", "--model", str(en_gpt2_dir), "--chat", "--max-new-tokens", str(N)]
+    assert main(args + [a for p in prompts for a in ("--prompt", p)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    mesh = make_mesh(data=-1)  # the CLI's default mesh
+    cfg, params = load_params(str(en_gpt2_dir), mesh, progress=False)
+    expected = generate(params, cfg, ids, max_new_tokens=N, eos_id=eos_ids(str(en_gpt2_dir), en_tokenizer),
+                        pad_id=pad_token_id(en_tokenizer), mesh=mesh)
+    assert result["completions"] == en_tokenizer.batch_decode(expected, skip_special_tokens=True)
+    assert result["tokens"] == sum(len(row) for row in expected) > 0
 
 
 def test_cli_prints_completions_and_json(en_gpt2_dir, capsys):

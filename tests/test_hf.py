@@ -1,5 +1,6 @@
 """Hugging Face import/export: transformers loads our export with identical logits; round trips are exact."""
 
+import dataclasses
 import json
 import os
 
@@ -8,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_models import make_hf_model, torch_logits
+from hf_models import TINY, make_hf_model, torch_logits
 from safetensors.numpy import load_file
 
+from clp_jax import models
 from clp_jax.errors import ClpError
-from clp_jax.hf.reader import TensorFiles, load_params, read_config
-from clp_jax.hf.writer import save_pretrained
+from clp_jax.hf.reader import TensorFiles, load_params, read_config, read_generation_config
+from clp_jax.hf.writer import hf_config_dict, save_pretrained
+from clp_jax.models.config import NUMERICS_FIELDS, TransformerConfig
 from clp_jax.sharding import make_mesh
 
 
@@ -61,6 +64,37 @@ def test_fresh_config_from_ours_describes_the_same_model(name, tmp_path):
     ids = np.random.default_rng(1).integers(0, 300, (2, 12))
     mask = np.ones_like(ids)
     np.testing.assert_array_equal(torch_logits(reloaded, ids, mask), torch_logits(hf, ids, mask))
+
+
+def test_every_field_is_architecture_or_numerics():
+    fields = [f.name for f in dataclasses.fields(TransformerConfig)]
+    assert len(set(NUMERICS_FIELDS)) == len(NUMERICS_FIELDS) and set(NUMERICS_FIELDS) <= set(fields)
+    cfg = models.family("gpt2").from_hf(transformers.GPT2Config(n_layer=1))
+    assert list(cfg.architecture()) == [f for f in fields if f not in NUMERICS_FIELDS]
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_config_json_records_the_architecture_and_none_of_the_numerics(name):
+    spec = dict(TINY[name])
+    hf = getattr(transformers, spec.pop("cls"))(**spec)
+    cfg = models.family(hf.model_type).from_hf(hf).replace(dtype="bfloat16", param_dtype="float16", remat=True,
+                                                             logits_chunk=8)
+    data = hf_config_dict(cfg, base=hf.to_dict())
+    assert not {"param_dtype", "remat", "logits_chunk"} & set(data)
+    assert data["dtype"] == "float16"  # HF's "dtype" is the stored weights' (param_dtype), not the compute dtype
+    assert hf_config_dict(cfg.replace(dtype="float32", remat=False, logits_chunk=None), base=hf.to_dict()) == data
+    back = models.family(cfg.arch).from_hf(transformers.AutoConfig.for_model(**data))
+    assert back.architecture() == cfg.architecture()
+
+
+def test_generation_config_reader(tmp_path):
+    assert read_generation_config(str(tmp_path)) == {}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [1, 2], "do_sample": true}')
+    assert read_generation_config(str(tmp_path)) == {"eos_token_id": [1, 2], "do_sample": True}
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    _expect_error(lambda: read_generation_config(str(tmp_path)), "generation_config.json", "JSON object")
+    (tmp_path / "generation_config.json").write_text("{")
+    _expect_error(lambda: read_generation_config(str(tmp_path)), "generation_config.json", "not valid JSON")
 
 
 def test_multimodal_gemma3_config_says_to_use_the_text_model(tmp_path):

@@ -14,7 +14,6 @@ from clp_jax.data.mixtures import (
     fixed_english_plus_n,
     posttrain_mixture,
     temperature_mixture,
-    unimax_budgets,
     unimax_mixture,
 )
 from clp_jax.errors import ClpError
@@ -34,39 +33,34 @@ def error(fn, *args, **kwargs) -> str:
 
 
 def test_unimax_reproduces_the_published_example():
-    budgets = unimax_budgets(UNIMAX_SIZES, 250e9, max_epochs=4)
-    assert list(budgets) == list(UNIMAX_SIZES)
-    assert budgets["fao"] == 2_198_831_468
-    assert budgets["isl"] == 40_110_293_556
-    for lang in ("ekk", "swe", "fas"):
-        assert budgets[lang] == pytest.approx(69_230_291_658.67, abs=0.01)
-    assert sum(budgets.values()) == pytest.approx(250e9, abs=1e-3)
-
     mix = unimax_mixture(UNIMAX_SIZES, 250e9, max_epochs=4)
+    assert mix.names == tuple(UNIMAX_SIZES)
     assert mix.budget == pytest.approx(250e9) and mix.leftover == 0
     assert sum(mix.weights) == pytest.approx(1)
     units, epochs = mix.expected_units(), mix.epochs()
     assert units["fao"] == pytest.approx(2_198_831_468, abs=0.01)
-    assert units["ekk"] == pytest.approx(69_230_291_658.67, abs=0.01)
+    assert units["isl"] == pytest.approx(40_110_293_556, abs=0.01)
+    for lang in ("ekk", "swe", "fas"):
+        assert units[lang] == pytest.approx(69_230_291_658.67, abs=0.01)
+    assert sum(units.values()) == pytest.approx(250e9, abs=1e-3)
     assert epochs["fao"] == pytest.approx(4) and epochs["isl"] == pytest.approx(4)
     assert epochs["ekk"] == pytest.approx(69_230_291_658.67 / 42_541_080_893)
     assert all(e < 4 for lang, e in epochs.items() if lang in ("ekk", "swe", "fas"))
 
 
 def test_unimax_budget_beyond_every_cap_reports_leftover():
-    budgets = unimax_budgets(SIZES, 1e9, max_epochs=2)
-    assert budgets == {n: 2 * s for n, s in SIZES.items()}
     mix = unimax_mixture(SIZES, 1e9, max_epochs=2)
+    assert mix.expected_units() == pytest.approx({n: 2 * s for n, s in SIZES.items()})
     assert mix.budget == pytest.approx(2 * sum(SIZES.values()))
     assert mix.leftover == pytest.approx(1e9 - 2 * sum(SIZES.values()))
     assert all(e == pytest.approx(2) for e in mix.epochs().values())
-    assert "leftover" in mix.format_table()
+    assert mix.to_dict()["leftover"] == pytest.approx(1e9 - 2 * sum(SIZES.values()))
 
 
 def test_unimax_errors():
-    assert "fo has no data" in error(unimax_budgets, {"en": 10, "fo": 0}, 100, 4)
-    assert "max_epochs" in error(unimax_budgets, SIZES, 100, 0)
-    assert "budget must be positive" in error(unimax_budgets, SIZES, 0, 4)
+    assert "fo has no data" in error(unimax_mixture, {"en": 10, "fo": 0}, 100, 4)
+    assert "max_epochs" in error(unimax_mixture, SIZES, 100, 0)
+    assert "budget must be positive" in error(unimax_mixture, SIZES, 0, 4)
 
 
 def test_temperature_proportional_uniform_and_numpy():
@@ -198,21 +192,16 @@ def test_english_plus_n_selection_errors():
     assert "language de is listed twice" in error(posttrain_mixture, TASK_SIZES, **kw, languages=["de", "de"])
 
 
-def test_format_table_and_to_dict():
+def test_to_dict():
     mix = unimax_mixture(UNIMAX_SIZES, 250e9, max_epochs=4)
-    text = mix.format_table()
-    for name in UNIMAX_SIZES:
-        assert name in text
-    for share in mix.weights:
-        assert f"{100 * share:.2f}%" in text
-    assert "2,198,831,468" in text and "4.00" in text
     data = json.loads(json.dumps(mix.to_dict()))
     assert [row["name"] for row in data["sources"]] == list(UNIMAX_SIZES)
+    assert [row["share"] for row in data["sources"]] == pytest.approx(list(mix.weights))
+    assert data["sources"][4]["units"] == pytest.approx(2_198_831_468, abs=0.01)
     assert data["sources"][4]["epochs"] == pytest.approx(4)
     assert set(data["sources"][0]) == {"name", "size", "share", "units", "epochs"}
 
     no_budget = temperature_mixture(SIZES, 0.3)
     assert json.loads(json.dumps(no_budget.to_dict()))["sources"][0]["units"] is None
-    assert "sw" in no_budget.format_table()
     assert "no budget" in error(no_budget.epochs)
     assert isinstance(no_budget, Mixture)

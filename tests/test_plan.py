@@ -10,9 +10,10 @@ import pytest
 from clp_jax.cli.main import main
 from clp_jax.config import load_config
 from clp_jax.hf.reader import read_config
+from clp_jax.models.config import NUMERICS_FIELDS
 from clp_jax.sharding import make_mesh
 from clp_jax.train import plan as plan_module
-from clp_jax.train.config import TrainConfig
+from clp_jax.train.config import ModelSection, TrainConfig, model_config
 from clp_jax.train.flops import train_step_flops
 from clp_jax.train.optimizer import OptimizerConfig, make_optimizer
 from clp_jax.train.plan import CHIPS, bytes_per_device, parse_topology, plan, tpu_devices
@@ -84,6 +85,17 @@ def test_plan_tiny_gpt2_on_v5e_2x2_fits(tiny, tmp_path):
     assert report.tokens_per_s == pytest.approx(0.5 * 4 * 197e12 * tokens / report.flops_per_step)
     table = report.format_table()
     assert "FITS" in table and "v5e:2x2" in table
+
+
+def test_model_config_is_the_init_architecture_with_the_runs_numerics(tiny, tmp_path):
+    assert set(ModelSection.model_fields) == {"init", *NUMERICS_FIELDS}
+    cfg = load_config(TrainConfig, train_yaml(tmp_path / "t.yaml", tiny))
+    cfg.model.remat, cfg.model.logits_chunk = True, 32
+    model_cfg, stored_dtype = model_config(cfg)
+    assert model_cfg.architecture() == read_config(tiny).architecture()
+    assert (model_cfg.dtype, model_cfg.param_dtype, model_cfg.remat, model_cfg.logits_chunk) == \
+        ("bfloat16", "float32", True, 32)
+    assert stored_dtype == "float32"  # no weight files: the default
 
 
 def test_bytes_per_device_is_total_over_shards(tiny):

@@ -16,7 +16,7 @@ from train_setup import make_train_config
 
 from clp_jax.cli.main import main
 from clp_jax.data.pipeline import holdout_mask
-from clp_jax.train.metrics import read_metrics
+from clp_jax.train.run_log import read_metrics
 
 TESTS = os.path.dirname(__file__)
 

@@ -12,13 +12,14 @@ from oracles import next_token_targets
 from clp_jax import models
 from clp_jax.data.packing import pack_documents
 from clp_jax.errors import ClpError
+from clp_jax.eval.heldout import make_heldout_step
 from clp_jax.hf.reader import load_params
 from clp_jax.sharding import logical_to_spec, make_mesh
 from clp_jax.train.flops import matmul_params, train_step_flops
 from clp_jax.train.loss import token_targets
 from clp_jax.train.optimizer import OptimizerConfig, decay_mask, make_optimizer
 from clp_jax.train.state import abstract_state, create_sharded_state, state_shardings
-from clp_jax.train.step import check_batch_shape, loss_fn, make_eval_step, make_train_step
+from clp_jax.train.step import check_batch_shape, make_train_step
 
 T, ROWS, VOCAB = 16, 16, 300
 OPT = OptimizerConfig(learning_rate=1e-3, schedule="constant", total_steps=100, b1=0.9, b2=0.95, eps=1e-8,
@@ -107,15 +108,17 @@ def torch_loss(hf, batch):
     return hf(input_ids=ids, attention_mask=torch.as_tensor(batch["segment_ids"]), labels=labels).loss
 
 
-def test_loss_matches_transformers(model):
+def test_loss_matches_transformers(model, steps):
+    """The loss the train step reports (computed before its update) is transformers' loss of the batch."""
     cfg, params, path = model
     hf = make_hf_model("gpt2")
     batch = padded_batch(1)
-    loss, aux = jax.jit(lambda p, b: loss_fn(p, cfg, b))(params, batch)
+    mesh, step = steps()
+    _, metrics = step(create_sharded_state(params, cfg, make_optimizer(OPT, params), mesh), batch)
     with torch.no_grad():
         ref = float(torch_loss(hf, batch))
-    assert float(loss) == pytest.approx(ref, abs=1e-5)
-    assert float(aux["tokens"]) == (batch["segment_ids"].sum(1) - 1).sum()
+    assert float(metrics["loss"]) == pytest.approx(ref, abs=1e-5)
+    assert float(metrics["tokens"]) == (batch["segment_ids"].sum(1) - 1).sum()
 
 
 def test_soft_capped_loss_matches_transformers(tmp_path):
@@ -125,15 +128,17 @@ def test_soft_capped_loss_matches_transformers(tmp_path):
     cfg, params = load_params(str(tmp_path), one_device(), progress=False)
     assert cfg.final_softcap is not None
     batch = padded_batch(1)
-    loss, _ = jax.jit(lambda p, b: loss_fn(p, cfg, b))(params, batch)
+    mesh = one_device()
+    step = make_train_step(cfg, optax.sgd(0.0), mesh, compiler_options=FAST_COMPILE)
+    _, metrics = step(create_sharded_state(params, cfg, optax.sgd(0.0), mesh), batch)
     with torch.no_grad():
         ref = float(torch_loss(hf, batch))
-    assert float(loss) == pytest.approx(ref, abs=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(ref, abs=1e-5)
 
 
-def test_weighted_loss_and_eval_step_match_float64(model):
-    """Packed segments and SFT loss_weights against float64 numpy, on a (2, 2, 2) mesh; with ``bytes``, the eval
-    step also sums the weighted bytes of the targets (token t + 1)."""
+def test_weighted_loss_and_heldout_step_match_float64(model):
+    """Packed segments and SFT loss_weights against float64 numpy, on a (2, 2, 2) mesh; with ``bytes``, the
+    held-out step also sums the weighted bytes of the targets (token t + 1)."""
     cfg, params, _ = model
     batch = packed_batch(2)
     batch["loss_weights"] = np.random.default_rng(3).uniform(0, 2, size=(ROWS, T)).astype(np.float32)
@@ -145,13 +150,13 @@ def test_weighted_loss_and_eval_step_match_float64(model):
     nll = logz - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     mesh = make_mesh(2, 2, 2)
     state = create_sharded_state(params, cfg, optax.sgd(0.0), mesh)
-    eval_step = make_eval_step(cfg, mesh)
-    sums = eval_step(state.params, batch)
+    heldout_step = make_heldout_step(cfg, mesh)
+    sums = heldout_step(state.params, batch)
     assert float(sums["tokens"]) == pytest.approx(weights.sum(), rel=1e-6)
     assert float(sums["loss_sum"]) == pytest.approx((nll * weights).sum(), rel=1e-5)
     assert float(sums["bytes"]) == 0.0  # no bytes in the batch
     batch["bytes"] = np.random.default_rng(4).integers(0, 5, size=(ROWS, T)).astype(np.int32)
-    with_bytes = eval_step(state.params, batch)
+    with_bytes = heldout_step(state.params, batch)
     assert float(with_bytes["bytes"]) == pytest.approx((weights[:, :-1] * batch["bytes"][:, 1:]).sum(), rel=1e-6)
     assert float(with_bytes["loss_sum"]) == float(sums["loss_sum"])
 

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from clp_jax.config import ConfigModel, load_config
-from clp_jax.errors import ClpError
+from clp_jax.errors import EXIT_PREEMPTED, ClpError
 from clp_jax.files import read_lines
 
 T = TypeVar("T", bound=ConfigModel)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving; run the same command again to resume
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
 from typing import Any
 
@@ -37,15 +35,11 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 def eos_ids(model_dir: str, tokenizer: Any) -> list[int]:
     """EOS ids from the tokenizer and, when present, generation_config.json (chat models often list several)."""
+    from clp_jax.hf.reader import read_generation_config
+
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                extra = json.load(f).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ClpError(f"{path}: not a valid generation config ({e})") from None
-        ids += [int(i) for i in ([] if extra is None else extra if isinstance(extra, list) else [extra])]
+    extra = read_generation_config(model_dir).get("eos_token_id")
+    ids += [int(i) for i in ([] if extra is None else extra if isinstance(extra, list) else [extra])]
     return sorted(set(ids))
 
 

@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 
 from clp_jax import __version__
-from clp_jax.errors import ClpError, ClpWarning
+from clp_jax.errors import EXIT_PREEMPTED, ClpError, ClpWarning, Preempted
 
 _FORMAT_WARNING = warnings.formatwarning
 # The commands and their help lines, in `clp-jax --help` order. Only the command being run imports its module,
@@ -99,6 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     show_clp_warnings(args.command)
     try:
         return int(args.func(args) or 0)
+    except Preempted as e:
+        if args.debug:
+            raise
+        print(f"clp-jax {args.command}: preempted: {e} (exit {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     except ClpError as e:
         if args.debug:
             raise

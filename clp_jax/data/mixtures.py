@@ -2,7 +2,8 @@
 
 Explicit weights, temperature sampling (p_l proportional to n_l^alpha), UniMax (Chung et al. 2023) and the
 post-training design "fixed English budget plus N examples per language" (Shimabucoro et al. 2025).
-Pure functions: the caller prints `Mixture.format_table()` and saves `Mixture.to_dict()` with the run.
+Pure functions: the run's data report (`data.pipeline.Data`) shows each source's share and epochs and the
+leftover, and carries `Mixture.to_dict()` into data_report.json.
 """
 
 from __future__ import annotations
@@ -52,25 +53,6 @@ class Mixture:
     def to_dict(self) -> dict:
         """Plain JSON/YAML-able data to save with the run."""
         return {"budget": self.budget, "leftover": self.leftover, "sources": self.table()}
-
-    def format_table(self) -> str:
-        """A fixed-width table for the console: one line per source, then the total."""
-        width = max(len("source"), *(len(n) for n in self.names))
-        lines = [f"{'source':<{width}}  {'size':>20}  {'share':>9}  {'units':>20}  {'epochs':>8}"]
-        for row in self.table():
-            units = "-" if row["units"] is None else f"{row['units']:,.0f}"
-            epochs = "-" if row["epochs"] is None else f"{row['epochs']:.2f}"
-            lines.append(f"{row['name']:<{width}}  {row['size']:>20,.0f}  {_percent(row['share']):>9}  "
-                         f"{units:>20}  {epochs:>8}")
-        total = "-" if self.budget is None else f"{self.budget:,.0f}"
-        lines.append(f"{'total':<{width}}  {sum(self.sizes):>20,.0f}  {'100.00%':>9}  {total:>20}")
-        if self.leftover:
-            lines.append(f"leftover budget not drawn (every source at its epoch cap): {self.leftover:,.0f}")
-        return "\n".join(lines)
-
-
-def _percent(share: float) -> str:
-    return f"{100 * share:.2f}%" if share >= 1e-4 or share == 0 else f"{100 * share:.2g}%"
 
 
 def _check_sizes(sizes: Mapping[str, float], need_data: bool) -> None:
@@ -141,17 +123,12 @@ def _unimax(sizes: Mapping[str, float], budget: float, max_epochs: float) -> tup
     return {n: allocated[n] for n in sizes}, remaining
 
 
-def unimax_budgets(sizes: Mapping[str, float], budget: float, max_epochs: float) -> dict[str, float]:
+def unimax_mixture(sizes: Mapping[str, float], budget: float, max_epochs: float) -> Mixture:
     """UniMax (Chung et al. 2023, Algorithm 1): uniform budget per language, capped at `max_epochs` passes.
 
     Languages go smallest first, each taking min(remaining / languages left, size * max_epochs). If the budget
-    exceeds sum(size * max_epochs), every language is capped and the sum falls short of `budget`.
+    exceeds sum(size * max_epochs), every language is capped and what is not drawn is the `leftover`.
     """
-    return _unimax(sizes, budget, max_epochs)[0]
-
-
-def unimax_mixture(sizes: Mapping[str, float], budget: float, max_epochs: float) -> Mixture:
-    """The UniMax allocation as a Mixture; a budget beyond every cap shows up as `leftover`, not an error."""
     allocated, leftover = _unimax(sizes, budget, max_epochs)
     return _normalized(sizes, allocated, budget - leftover, leftover)
 

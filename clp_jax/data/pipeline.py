@@ -203,6 +203,9 @@ class Data:
         else:
             basis = "unknown (no steps or budget)"
         lines.append(f"mixture: {self.cfg.mixture.kind}; shares of rows drawn; epochs {basis}")
+        if self.mixture.leftover:
+            lines.append(f"leftover budget not drawn (every source at its epoch cap): "
+                         f"{self.mixture.leftover:,.0f} {report['unit']}")
         return "\n".join(lines)
 
 

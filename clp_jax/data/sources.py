@@ -360,11 +360,6 @@ def _iter_documents(src: SourceConfig, stats: SourceStats) -> Iterator[Document]
             yield from (_jsonl_documents if fmt == "jsonl" else _text_documents)(src, path, stats)
 
 
-def read_documents(src: SourceConfig) -> Iterator[Document]:
-    """The documents of a source, lazily, in file and line order (errors surface while iterating)."""
-    return _iter_documents(src, SourceStats())
-
-
 def read_source(src: SourceConfig) -> SourceData:
     """All documents of a source with its statistics; a source that yields no document is a ClpError."""
     stats = SourceStats()

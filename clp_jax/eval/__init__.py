@@ -1,1 +1,1 @@
-"""Evaluation: perplexity now; generation metrics as post-training lands."""
+"""Evaluation: held-out loss during training, perplexity of documents, task metrics and SFT responses."""

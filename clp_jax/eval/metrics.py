@@ -175,15 +175,8 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def aggregate(results: Iterable[Mapping], seen_languages: Iterable[str]) -> dict:
-    """Per-language scores and, per task and metric, the mean over seen and over unseen languages and the gap.
-
-    Each result is `{"language": ..., "task": ..., metric: value, ...}`; every other key is a metric. Returns
-    `{"per_language": {task: {lang: {metric: v}}}, "languages": {task: {"seen": [...], "unseen": [...]}},
-    "seen": {task: {metric: mean}}, "unseen": {...}, "gap": {task: {metric: seen - unseen}}}`; means are
-    unweighted over languages, and a mean (and so the gap) is None when its group has no language.
-    """
-    seen = set(seen_languages)
+def _per_language(results: Iterable[Mapping]) -> dict[str, dict[str, dict[str, float]]]:
+    """{task: {language: {metric: value}}} from flat results, each (task, language) once."""
     per_language: dict[str, dict[str, dict[str, float]]] = {}
     for i, result in enumerate(results):
         if "language" not in result or "task" not in result:
@@ -193,10 +186,27 @@ def aggregate(results: Iterable[Mapping], seen_languages: Iterable[str]) -> dict
             raise ClpError(f"result {i}: task '{task}' in language '{language}' is scored twice")
         per_language.setdefault(task, {})[language] = {k: float(v) for k, v in result.items()
                                                        if k not in ("language", "task")}
+    return per_language
+
+
+def aggregate(results: Iterable[Mapping], seen_languages: Iterable[str],
+              unseen_languages: Iterable[str] | None = None) -> dict:
+    """Per-language scores and, per task and metric, the mean over seen and over unseen languages and the gap.
+
+    Each result is `{"language": ..., "task": ..., metric: value, ...}`; every other key is a metric. Unseen
+    languages are those of `unseen_languages` (default: every language not seen); a language in neither list
+    (English in a CLT study) is in no mean. Returns `{"per_language": {task: {lang: {metric: v}}}, "languages":
+    {task: {"seen": [...], "unseen": [...]}}, "seen": {task: {metric: mean}}, "unseen": {...}, "gap": {task:
+    {metric: seen - unseen}}}`; means are unweighted over languages, and a mean (and so the gap) is None when
+    its group has no language.
+    """
+    seen = set(seen_languages)
+    unseen = None if unseen_languages is None else set(unseen_languages) - seen
+    per_language = _per_language(results)
     out: dict = {"per_language": per_language, "languages": {}, "seen": {}, "unseen": {}, "gap": {}}
     for task, by_language in per_language.items():
         groups = {"seen": [lang for lang in by_language if lang in seen],
-                  "unseen": [lang for lang in by_language if lang not in seen]}
+                  "unseen": [lang for lang in by_language if lang not in seen and (unseen is None or lang in unseen)]}
         out["languages"][task] = groups
         metrics = list(dict.fromkeys(m for scores in by_language.values() for m in scores))
         for group, languages in groups.items():

@@ -108,8 +108,8 @@ def _batches(docs: list[np.ndarray], batch_size: int, divisor: int, seq_len: int
         yield idx, tokens, seg
 
 
-def make_eval_step(cfg: TransformerConfig, mesh: Mesh, params: Any, rows: int) -> Callable:
-    """``token_nll`` jit-compiled with parameter and batch shardings from the rules table."""
+def make_document_step(cfg: TransformerConfig, mesh: Mesh, params: Any, rows: int) -> Callable:
+    """``token_nll`` jit-compiled with parameter and batch shardings from the rules table: per-document sums."""
     p_shard = tree_shardings(models.param_axes(cfg), params, mesh)
     b = batch_sharding(mesh, (rows, 1))
     fn = jax.jit(lambda p, tokens, seg: token_nll(p, cfg, tokens, seg), in_shardings=(p_shard, b, b))
@@ -161,11 +161,11 @@ def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.nd
                progress: bool = True, step: Callable | None = None) -> PerplexityResult:
     """Loss, perplexity and (given each document's ``covered_bytes``) bits per byte over ``docs`` (1-D token ids).
 
-    ``step``, a ``make_eval_step(cfg, mesh, params, eval_rows(mesh, batch_size))``, saves recompiling when the
+    ``step``, a ``make_document_step(cfg, mesh, params, eval_rows(mesh, batch_size))``, saves recompiling when the
     same model is evaluated again (e.g. during training).
     """
     divisor = batch_divisor(mesh)
-    step = step or make_eval_step(cfg, mesh, params, eval_rows(mesh, batch_size))
+    step = step or make_document_step(cfg, mesh, params, eval_rows(mesh, batch_size))
     nll = np.zeros(len(docs), np.float64)
     count = np.zeros(len(docs), np.int64)
     total_tokens = sum(len(d) - 1 for d in docs)

@@ -32,19 +32,34 @@ def _require_dir(model_dir: str) -> None:
         raise ClpError(f"{model_dir}: model directory not found")
 
 
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClpError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_config_dict(model_dir: str) -> dict[str, Any]:
     """config.json as a dict, with clear errors for a missing or broken file."""
     _require_dir(model_dir)
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ClpError(f"{path}: config.json not found (is {model_dir} a Hugging Face model dir?)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClpError(f"{path}: not valid JSON ({e})") from None
+    data = _read_json(path)
     if not isinstance(data, dict) or "model_type" not in data:
         raise ClpError(f"{path}: no 'model_type' field")
+    return data
+
+
+def read_generation_config(model_dir: str) -> dict[str, Any]:
+    """generation_config.json as a dict ({} when the dir has none), with a clear error for a broken file."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise ClpError(f"{path}: not a generation config (a JSON object)")
     return data
 
 
@@ -222,4 +237,5 @@ def load_params(model_dir: str, mesh: Mesh, cfg: TransformerConfig | None = None
     return cfg, params
 
 
-__all__ = ["DTYPES", "TensorFiles", "iter_hf_params", "load_params", "read_config", "read_config_dict"]
+__all__ = ["DTYPES", "TensorFiles", "iter_hf_params", "load_params", "read_config", "read_config_dict",
+           "read_generation_config"]

@@ -47,8 +47,7 @@ def hf_config_dict(cfg: TransformerConfig, base: dict[str, Any] | None = None,
     data.pop("torch_dtype", None)
     data["dtype"] = cfg.param_dtype
     check = family.from_hf(transformers.AutoConfig.for_model(**data))
-    keep = ("dtype", "param_dtype", "remat", "logits_chunk", "initializer_range")
-    if check.replace(**{k: getattr(cfg, k) for k in keep}) != cfg:
+    if check.architecture() != cfg.architecture():
         raise ValueError(f"config.json would not describe this model: {check} != {cfg}")
     return data
 

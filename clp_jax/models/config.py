@@ -13,11 +13,15 @@ Arch = Literal["gpt2", "llama", "bloom", "gemma3"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# The fields of TransformerConfig that say how a run computes, not what the model is: a checkpoint's config.json
+# records every other field (its "dtype" is the stored weights' dtype, set from param_dtype on export).
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "logits_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Everything the Flax decoder needs; built from (and written back to) a Hugging Face config."""
+    """Everything the Flax decoder needs: the architecture, built from (and written back to) a Hugging Face config,
+    and the run's numerics (``NUMERICS_FIELDS``)."""
 
     arch: Arch
     vocab_size: int
@@ -77,6 +81,10 @@ class TransformerConfig:
 
     def replace(self, **changes: Any) -> TransformerConfig:
         return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> dict[str, Any]:
+        """Every field but the numerics: what config.json says about the model."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in NUMERICS_FIELDS}
 
     def layer_window(self, i: int) -> int | None:
         """The sliding window of layer ``i`` (None: full causal attention)."""

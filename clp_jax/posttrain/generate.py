@@ -164,20 +164,6 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], chat: bool = False) -
     return [list(ids) for ids in tokenizer(list(prompts), return_attention_mask=False)["input_ids"]]
 
 
-def generate_text(params: Any, cfg: TransformerConfig, tokenizer: Any, prompts: Sequence[str], *,
-                  max_new_tokens: int = 64, chat: bool = False, eos_id: int | Sequence[int] | None = None,
-                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
-                  mesh: Mesh | None = None) -> list[str]:
-    """Completions of text prompts, decoded without special tokens (EOS defaults to the tokenizer's)."""
-    if not prompts:
-        return []
-    eos_id = tokenizer.eos_token_id if eos_id is None else eos_id
-    ids = generate(params, cfg, encode_prompts(tokenizer, prompts, chat), max_new_tokens=max_new_tokens,
-                   eos_id=eos_id, pad_id=pad_token_id(tokenizer), temperature=temperature, top_k=top_k, seed=seed,
-                   mesh=mesh)
-    return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
 def pad_token_id(tokenizer: Any) -> int:
     """The tokenizer's pad id, else its EOS id, else 0 (pad only fills slots nobody reads)."""
     for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from clp_jax.eval.metrics import aggregate  # noqa: E402
+
 
 def _grid_rows(rows: Sequence[dict], metric: str, seen: Sequence[str]) -> list[dict]:
     """Rows of cells trained on all seen languages (or on English only, N = 0), not the matrix's extra cells."""
@@ -47,18 +49,29 @@ def _group(lang: str, seen: Sequence[str], unseen: Sequence[str]) -> str:
     return "seen" if lang in seen else "unseen" if lang in unseen else "English budget"
 
 
-def plot_gap(rows: Sequence[dict], metric: str, seen: Sequence[str], unseen: Sequence[str], path: str) -> None:
-    """Mean metric over seen and over unseen languages against N, and their gap."""
-    acc: dict[tuple, dict[int, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+def gap_series(rows: Sequence[dict], metric: str, seen: Sequence[str],
+               unseen: Sequence[str]) -> dict[tuple[str, str, str], dict[int, dict]]:
+    """(model, design, eval task) -> N -> {"seen": mean, "unseen": mean} of the metric (None: no language),
+    by `eval.metrics.aggregate` over each grid cell's rows."""
+    cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in _grid_rows(rows, metric, seen):
-        group = "seen" if r["language"] in seen else "unseen" if r["language"] in unseen else None
-        if group:
-            acc[(r["model"], r["design"], r["task"])][r["n"]][group].append(r[metric])
+        cells[(r["model"], r["design"], r["tasks"], r["n"])].append(
+            {"language": r["language"], "task": r["task"], metric: r[metric]})
+    series: dict[tuple[str, str, str], dict[int, dict]] = defaultdict(dict)
+    for (model, design, _, n), results in cells.items():
+        means = aggregate(results, seen, unseen)
+        for task in means["per_language"]:
+            series[(model, design, task)][n] = {g: means[g][task].get(metric) for g in ("seen", "unseen")}
+    return dict(series)
+
+
+def plot_gap(rows: Sequence[dict], metric: str, seen: Sequence[str], unseen: Sequence[str], path: str) -> None:
+    """Mean metric over seen and over unseen languages against N (`gap_series`), and their gap."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, by_n in sorted(acc.items()):
+    for key, by_n in sorted(gap_series(rows, metric, seen, unseen).items()):
         ns = sorted(by_n)
         for group, style in (("seen", "-o"), ("unseen", "--s")):
-            ys = [np.mean(by_n[n][group]) if by_n[n][group] else np.nan for n in ns]
+            ys = [np.nan if by_n[n][group] is None else by_n[n][group] for n in ns]
             ax.plot(ns, ys, style, label=f"{'/'.join(key)} {group}")
     ax.set_xlabel("N examples per seen language")
     ax.set_ylabel(f"mean {metric}")

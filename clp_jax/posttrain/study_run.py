@@ -24,13 +24,12 @@ from typing import Any
 
 from clp_jax.config import config_to_dict, save_config
 from clp_jax.data.sources import SourceConfig
-from clp_jax.errors import ClpError
+from clp_jax.errors import stopped_run_error
+from clp_jax.eval.responses import evaluate_examples
 from clp_jax.files import atomic_open, write_json
 from clp_jax.posttrain import study
-from clp_jax.posttrain.evaluate import evaluate_examples
 from clp_jax.posttrain.plots import plot_gap, plot_metric_vs_n, plot_transfer_matrix
 from clp_jax.train.loop import Trainer
-from clp_jax.train.step import make_eval_step
 from clp_jax.transfer.study import claim_run_dir, part_key, reuse_or_make
 
 EvalSets = dict[tuple[str, str], list[dict]]
@@ -74,14 +73,13 @@ def _train_and_evaluate(cfg: study.StudyConfig, cell: study.Cell, cell_dir: str,
     trainer = Trainer(study.cell_train_config(cfg, cell, sources, run_dir))
     summary = trainer.run()
     if summary["status"] != "finished":
-        raise ClpError(f"{run_dir}: training stopped at step {summary['step']} ({summary['status']}); rerun the "
-                       "study to resume it")
+        raise stopped_run_error(run_dir, summary)
     cell_sets = {k: v for k, v in sets.items() if k[0] in cell.tasks}
     _say(f"{label}: evaluating {len(cell_sets)} task x language sets")
     kinds = {study.task_name(t): study.task_kind(t) for t in cfg.tasks}
-    eval_step = make_eval_step(trainer.model_cfg, trainer.mesh)
-    scores = evaluate_examples(trainer.state.params, trainer.model_cfg, trainer.tokenizer, trainer.mesh, eval_step,
-                               cell_sets, kinds, max_new_tokens=cfg.eval.max_new_tokens, seq_len=cfg.train.seq_len)
+    scores = evaluate_examples(trainer.state.params, trainer.model_cfg, trainer.tokenizer, trainer.mesh,
+                               trainer.heldout_step, cell_sets, kinds, max_new_tokens=cfg.eval.max_new_tokens,
+                               seq_len=cfg.train.seq_len)
     for row in scores:
         row["seen"] = row["language"] in cell.train_languages
     return {"cell": cell.id, "model": cell.model, "design": cell.design, "tasks": list(cell.tasks), "n": cell.n,

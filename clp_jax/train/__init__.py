@@ -1,1 +1,1 @@
-"""Training: optimizer, sharded train state and the jitted train/eval steps."""
+"""Training: optimizer, sharded train state, the jitted train step, the run log and the loop."""

@@ -85,13 +85,6 @@ def install_preemption_handler(signum: int = signal.SIGTERM) -> PreemptionFlag:
     return flag
 
 
-def abstract_like(tree: Any, shardings: Any = None) -> Any:
-    """``jax.ShapeDtypeStruct``s for a pytree of arrays, with their own shardings or the ``shardings`` tree given."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def _leaf_sum(x: jax.Array) -> jax.Array:
     """The wrapping uint32 sum of a leaf's bits: each element bitcast to an unsigned int of its width."""
     x = jnp.asarray(x)
@@ -141,6 +134,20 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _delete_unfinished_saves(directory: epath.Path) -> None:
+    """Delete the tmp directories of saves killed midway, on the primary process, before returning.
+
+    Orbax's own ``cleanup_tmp_directories`` runs in a background thread that it awaits only in ``save``:
+    a run that restores or exits before saving would still list the leftovers, and its thread would log
+    an error at interpreter shutdown.
+    """
+    if jax.process_index() != 0:
+        return
+    for name in ocp.path.step.tmp_checkpoints(directory):
+        log.info("deleting %s: a save that did not finish", directory / name)
+        (directory / name).rmtree()
+
+
 class Checkpointer:
     """Saves and restores (train state, data iterator state, run metadata) in one directory, one folder per step."""
 
@@ -161,16 +168,14 @@ class Checkpointer:
                 policies.PreemptionCheckpointingPolicy(),
             ]),
             enable_async_checkpointing=self.config.async_save,
-            cleanup_tmp_directories=True,  # tmp dirs of saves killed midway
+            cleanup_tmp_directories=False,  # done by _delete_unfinished_saves, before the manager lists steps
             create=True,
         )
         try:
+            _delete_unfinished_saves(self.directory)
             self._manager = ocp.CheckpointManager(self.directory, options=options)
         except OSError as e:
             raise ClpError(f"{self.directory}: cannot open the checkpoint directory ({_one_line(e)})") from None
-        # Orbax deletes leftover tmp dirs in a background thread and waits for it only in save(); a run that
-        # exits before saving would log an error at interpreter shutdown, so wait now (a directory listing).
-        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
     def save(self, step: int, state: Any, data_state: Mapping[str, Any], force: bool = False) -> bool:
         """Start saving at ``step`` if it is on the interval (or ``force``); True if a save started."""

@@ -8,13 +8,15 @@ from pydantic import Field, model_validator
 
 from clp_jax.config import ConfigModel
 from clp_jax.data.pipeline import DataConfig
+from clp_jax.hf.reader import read_config
+from clp_jax.models.config import NUMERICS_FIELDS, TransformerConfig
 from clp_jax.sharding import MeshConfig
 from clp_jax.train.checkpoint import CheckpointConfig
 from clp_jax.train.optimizer import OptimizerConfig
 
 
 class ModelSection(ConfigModel):
-    """Initial weights (an HF dir, e.g. `clp-jax transfer`'s output) and numerics."""
+    """Initial weights (an HF dir, e.g. `clp-jax transfer`'s output) and numerics (``NUMERICS_FIELDS``)."""
 
     init: str
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute
@@ -73,3 +75,10 @@ class TrainConfig(ConfigModel):
             elif isinstance(opt, dict) and "total_steps" not in opt:
                 data = {**data, "optimizer": {**opt, "total_steps": data["steps"]}}
         return data
+
+
+def model_config(cfg: TrainConfig) -> tuple[TransformerConfig, str]:
+    """The architecture of ``model.init`` with the run's numerics, and the dtype its checkpoint stores weights in
+    (exports keep it; float32 without weight files); a ClpWarning when its config.json sets dropout."""
+    stored = read_config(cfg.model.init, warn_dropout=True)
+    return stored.replace(**{k: getattr(cfg.model, k) for k in NUMERICS_FIELDS}), stored.param_dtype

@@ -13,27 +13,26 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from clp_jax import progress
 from clp_jax.config import save_config
-from clp_jax.data.pipeline import Data, build_data
+from clp_jax.data.pipeline import build_data
 from clp_jax.errors import ClpError
-from clp_jax.eval.perplexity import bits_per_byte
+from clp_jax.eval.heldout import heldout_metrics, make_heldout_step
 from clp_jax.files import write_json
-from clp_jax.hf.reader import load_params, read_config, read_config_dict
+from clp_jax.hf.reader import load_params, read_config_dict
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.hf.writer import save_pretrained
 from clp_jax.memory import check_compiled_fits
 from clp_jax.models.config import TransformerConfig
-from clp_jax.sharding import batch_divisor, batch_sharding, mesh_from_config
+from clp_jax.sharding import batch_divisor, global_batch, mesh_from_config
 from clp_jax.train.checkpoint import Checkpointer
-from clp_jax.train.config import DistributedSection, TrainConfig
+from clp_jax.train.config import DistributedSection, TrainConfig, model_config
 from clp_jax.train.flops import train_step_flops
-from clp_jax.train.metrics import MetricsWriter, device_peak_flops, drop_metrics_after, json_safe
 from clp_jax.train.optimizer import make_optimizer
+from clp_jax.train.run_log import MetricsWriter, device_peak_flops, drop_metrics_after, json_safe
 from clp_jax.train.state import abstract_state, create_sharded_state
-from clp_jax.train.step import make_eval_step, make_train_step
+from clp_jax.train.step import make_train_step
 
 _CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
@@ -56,44 +55,6 @@ def _say(msg: str) -> None:
 def _write_json(path: str, data: Any) -> None:
     if jax.process_index() == 0:
         write_json(path, data)
-
-
-def _global_batch(rows: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """This host's rows -> global arrays sharded over the batch axes."""
-    out = {}
-    for k, v in rows.items():
-        global_shape = (v.shape[0] * jax.process_count(), *v.shape[1:])
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, global_shape), v, global_shape)
-    return out
-
-
-def evaluate(params: Any, eval_step: Any, data: Data, mesh: jax.sharding.Mesh, max_batches: int | None) -> dict:
-    """Held-out loss, perplexity and bits per byte per source: ``eval/<source>/loss``, ``/ppl``, ``/bpb``.
-
-    bpb is the summed nll (nats) of the predicted targets over ln 2 times the UTF-8 bytes those targets cover.
-    """
-    out = {}
-    for name in data.eval_sets:
-        sums = {"loss_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
-        for i, rows in enumerate(data.eval_batches(name)):
-            if max_batches is not None and i >= max_batches:
-                break
-            m = jax.device_get(eval_step(params, _global_batch(rows, mesh)))
-            sums = {k: v + float(m[k]) for k, v in sums.items()}
-        total, tokens, num_bytes = sums["loss_sum"], sums["tokens"], sums["bytes"]
-        if tokens:
-            out[f"eval/{name}/loss"] = total / tokens
-            out[f"eval/{name}/ppl"] = math.exp(min(total / tokens, 700.0))
-        if num_bytes:
-            out[f"eval/{name}/bpb"] = bits_per_byte(total, num_bytes)
-    return out
-
-
-def _model_config(cfg: TrainConfig) -> tuple[TransformerConfig, str]:
-    stored = read_config(cfg.model.init, warn_dropout=True)
-    model_cfg = stored.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
-                               logits_chunk=cfg.model.logits_chunk)
-    return model_cfg, stored.param_dtype
 
 
 def check_shapes(cfg: TrainConfig, model_cfg: TransformerConfig, mesh: jax.sharding.Mesh) -> None:
@@ -139,7 +100,7 @@ class Trainer:
         initialize_distributed(cfg.distributed)
         self.cfg, self.progress = cfg, progress and jax.process_index() == 0
         self.mesh = mesh_from_config(cfg.mesh)
-        self.model_cfg, self.export_dtype = _model_config(cfg)
+        self.model_cfg, self.export_dtype = model_config(cfg)
         check_shapes(cfg, self.model_cfg, self.mesh)
         self.checkpointer = Checkpointer(os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint,
                                          meta=run_meta(cfg))
@@ -158,7 +119,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.train_step = make_train_step(self.model_cfg, self.optimizer, self.mesh, cfg.grad_accum_steps,
                                           skip_nonfinite=cfg.nonfinite == "skip")
-        self.eval_step = make_eval_step(self.model_cfg, self.mesh)
+        self.heldout_step = make_heldout_step(self.model_cfg, self.mesh)
 
     def _initial_state(self) -> tuple[Any, int]:
         restored = self.checkpointer.restore_latest_valid(abstract_state(self.model_cfg, self.mesh, self.optimizer))
@@ -171,7 +132,7 @@ class Trainer:
             _say(f"resumed from checkpoint at step {step}")
             return state, step
         _, params = load_params(self.cfg.model.init, self.mesh, self.model_cfg.replace(
-            param_dtype=read_config(self.cfg.model.init).param_dtype), progress=self.progress)
+            param_dtype=self.export_dtype), progress=self.progress)
         _say(f"initialized from {self.cfg.model.init} ({self.model_cfg.num_params():,} parameters, "
              f"mesh {dict(self.mesh.shape)})")
         return create_sharded_state(params, self.model_cfg, self.optimizer, self.mesh), 0
@@ -278,11 +239,12 @@ class Trainer:
                            dynamic_ncols=True)
         try:
             if cfg.eval.at_start and self.step == 0:
-                writer.write(0, evaluate(self.state.params, self.eval_step, data, self.mesh, cfg.eval.max_batches))
+                writer.write(0, heldout_metrics(self.state.params, self.heldout_step, data, self.mesh,
+                                                cfg.eval.max_batches))
             window_start, window_steps = time.perf_counter(), 0
             step_fn = None
             while self.step < cfg.steps:
-                batch = _global_batch(next(data.train), self.mesh)
+                batch = global_batch(next(data.train), self.mesh)
                 step_fn = step_fn or self._compile_step(batch)
                 self.state, metrics = step_fn(self.state, batch)
                 self.step += 1
@@ -302,8 +264,8 @@ class Trainer:
                     if peak is not None:
                         last["mfu"] = rate * flops_per_step / peak
                     if eval_now:
-                        last.update(evaluate(self.state.params, self.eval_step, data, self.mesh,
-                                             cfg.eval.max_batches))
+                        last.update(heldout_metrics(self.state.params, self.heldout_step, data, self.mesh,
+                                                    cfg.eval.max_batches))
                     for r in records[:-1]:
                         writer.write(r.pop("step"), r)
                     writer.write(self.step, {k: v for k, v in last.items() if k != "step"})

@@ -28,10 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from clp_jax.chips import CHIPS as ALL_CHIPS
 from clp_jax.chips import GIB, TPU_GENERATIONS, Chip
 from clp_jax.errors import ClpError
-from clp_jax.hf.reader import read_config
-from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import batch_sharding, make_mesh
-from clp_jax.train.config import TrainConfig
+from clp_jax.train.config import TrainConfig, model_config
 from clp_jax.train.flops import train_step_flops
 from clp_jax.train.optimizer import make_optimizer
 from clp_jax.train.state import abstract_state
@@ -167,12 +165,6 @@ def tpu_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
     return chip, list(desc.devices)
 
 
-def model_config(cfg: TrainConfig) -> TransformerConfig:
-    """The architecture of ``model.init`` (its config.json only) with the run's numerics."""
-    return read_config(cfg.model.init, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype).replace(
-        remat=cfg.model.remat, logits_chunk=cfg.model.logits_chunk)
-
-
 def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The global train batch as sharded ShapeDtypeStructs (SFT adds float32 ``loss_weights``)."""
     shape = (cfg.data.batch_size, cfg.data.seq_len)
@@ -236,7 +228,7 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
         mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     except ClpError as e:
         raise ClpError(f"{topology} has {len(devices)} chips: {e}") from None
-    model_cfg = model_config(cfg)
+    model_cfg, _ = model_config(cfg)
     seq_len, rows = cfg.data.seq_len, cfg.data.batch_size
     if model_cfg.position == "learned" and seq_len > model_cfg.max_position_embeddings:
         raise ClpError(f"{cfg.model.init}: data.seq_len {seq_len} exceeds the model's "

@@ -1,12 +1,12 @@
-"""The jitted train and eval steps: token-weighted next-token cross-entropy, gradient accumulation, AdamW.
+"""The jitted train step: token-weighted next-token cross-entropy, gradient accumulation, AdamW.
 
 A batch is a dict of [B, T] arrays: int32 ``tokens``, ``segment_ids`` (0 = padding), ``positions`` and, for
 SFT, float32 ``loss_weights`` aligned to predicting token t + 1 from t. Position t is weighted when t and t + 1
 lie in the same segment (``data.packing.next_token_targets``), times ``loss_weights`` when present.
 The loss is (sum of weighted nll) / (sum of weights), computed over the whole batch even when it is split
 into micro-batches, so accumulation over k micro-batches equals one big batch up to float rounding.
-Held-out batches may carry int32 ``bytes`` (UTF-8 bytes each token covers); the eval step then also sums the
-weighted bytes of the targets, for bits per byte.
+Held-out batches may carry int32 ``bytes`` (UTF-8 bytes each token covers); ``target_bytes`` sums the weighted
+bytes of the targets, for bits per byte (``eval.heldout``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from clp_jax import models
 from clp_jax.errors import ClpError
 from clp_jax.models.config import TransformerConfig
-from clp_jax.sharding import batch_divisor, batch_sharding, constrain, tree_shardings
+from clp_jax.sharding import batch_divisor, batch_sharding, constrain
 from clp_jax.train.loss import token_targets, weighted_nll_sum
 from clp_jax.train.optimizer import current_learning_rate
 from clp_jax.train.state import TrainState, state_shardings
@@ -47,12 +47,6 @@ def loss_sums(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Ar
             jnp.sum(weights))
 
 
-def loss_fn(params: Any, cfg: TransformerConfig, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Token-weighted mean next-token cross-entropy and aux ``{"loss_sum", "tokens"}``."""
-    total, tokens = loss_sums(params, cfg, batch)
-    return total / jnp.maximum(tokens, 1.0), {"loss_sum": total, "tokens": tokens}
-
-
 def check_batch_shape(shape: Sequence[int], mesh: Mesh, grad_accum_steps: int = 1) -> None:
     """Raise a ClpError unless ``shape`` = [rows, T] with rows a multiple of micro-batches times batch devices."""
     need = grad_accum_steps * batch_divisor(mesh)
@@ -61,7 +55,7 @@ def check_batch_shape(shape: Sequence[int], mesh: Mesh, grad_accum_steps: int = 
                        f"grad_accum_steps ({grad_accum_steps}) x data*fsdp devices ({batch_divisor(mesh)}) = {need}")
 
 
-def _input_sharding(mesh: Mesh) -> NamedSharding:
+def input_sharding(mesh: Mesh) -> NamedSharding:
     """The rules table's sharding for [batch, length] arrays (whose batch divides the batch devices)."""
     return batch_sharding(mesh, (batch_divisor(mesh), 1))
 
@@ -128,7 +122,7 @@ def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformat
         metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(step, in_shardings=(shardings, _input_sharding(mesh)), out_shardings=(shardings, replicated),
+    return jax.jit(step, in_shardings=(shardings, input_sharding(mesh)), out_shardings=(shardings, replicated),
                    donate_argnums=(0,), compiler_options=dict(compiler_options) if compiler_options else None)
 
 
@@ -139,17 +133,3 @@ def target_bytes(batch: Batch) -> jax.Array:
     _, weights = target_weights(batch)
     next_bytes, _ = token_targets(batch["bytes"], batch["segment_ids"])  # bytes[:, t + 1] at t
     return jnp.sum(weights * next_bytes.astype(jnp.float32))
-
-
-def make_eval_step(cfg: TransformerConfig, mesh: Mesh) -> Callable:
-    """Jitted ``(params, batch) -> {"loss_sum", "tokens", "bytes"}``, float32 scalars, for a token-weighted eval
-    loss and bits per byte."""
-    param_shardings = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def eval_step(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            total, tokens = loss_sums(params, cfg, batch)
-        return {"loss_sum": total, "tokens": tokens, "bytes": target_bytes(batch)}
-
-    return jax.jit(eval_step, in_shardings=(param_shardings, _input_sharding(mesh)), out_shardings=replicated)

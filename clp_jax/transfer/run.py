@@ -6,7 +6,6 @@ checkpoint to the output one at a time, so the whole model is never held on the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import pydantic
 from clp_jax import models
 from clp_jax.config import ConfigModel, config_to_dict
 from clp_jax.errors import ClpError
-from clp_jax.hf.reader import TensorFiles, hf_key, load_params, read_config, read_config_dict
+from clp_jax.hf.reader import TensorFiles, hf_key, load_params, read_config, read_config_dict, read_generation_config
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.hf.writer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -218,11 +217,7 @@ def _output_bytes(source_cfg: TransformerConfig, target_vocab: int) -> int:
     return source_cfg.replace(vocab_size=target_vocab).num_params() * itemsize
 
 
-def _generation_config(model_dir: str) -> dict | None:
+def _generation_config(model_dir: str) -> dict:
     """The source's generation_config.json without token ids (the target tokenizer sets its own)."""
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    return {k: v for k, v in data.items() if not k.endswith("_token_id") and k != "transformers_version"}
+    return {k: v for k, v in read_generation_config(model_dir).items()
+            if not k.endswith("_token_id") and k != "transformers_version"}

@@ -40,8 +40,8 @@ import pydantic
 from clp_jax.config import ConfigModel, config_to_dict, save_config
 from clp_jax.data.pipeline import DataConfig
 from clp_jax.data.sources import SourceConfig
-from clp_jax.errors import ClpError
-from clp_jax.eval.perplexity import encode_documents, eval_rows, evaluate_model_dir, make_eval_step, perplexity
+from clp_jax.errors import ClpError, stopped_run_error
+from clp_jax.eval.perplexity import encode_documents, eval_rows, evaluate_model_dir, make_document_step, perplexity
 from clp_jax.files import atomic_open, read_lines, write_json
 from clp_jax.hf.reader import read_config
 from clp_jax.hf.tokenizer import load_tokenizer
@@ -394,8 +394,8 @@ def _train(run: _Study, model_dir: str, run_dir: str, key: str, label: str) -> d
     cfg, t, seq_len = run.cfg, run.cfg.train, run.seq_len
     trainer = Trainer(train_config(cfg, os.path.abspath(model_dir), run.train_path, run_dir))
     docs, covered, skipped = encode_documents(trainer.tokenizer, run.held, seq_len)
-    step_fn = make_eval_step(trainer.model_cfg, trainer.mesh, trainer.state.params,
-                             eval_rows(trainer.mesh, cfg.eval.batch_size))
+    step_fn = make_document_step(trainer.model_cfg, trainer.mesh, trainer.state.params,
+                                 eval_rows(trainer.mesh, cfg.eval.batch_size))
     curve_path = os.path.join(run_dir, "curve.jsonl")
 
     def point(step: int) -> None:
@@ -413,8 +413,7 @@ def _train(run: _Study, model_dir: str, run_dir: str, key: str, label: str) -> d
         _say(f"{label}: resuming at step {trainer.step}")
     summary = trainer.run(on_step=point)
     if summary["status"] != "finished":
-        raise ClpError(f"{run_dir}: training stopped at step {summary['step']} ({summary['status']}); rerun the "
-                       "study to resume it")
+        raise stopped_run_error(run_dir, summary)
     with open(curve_path, encoding="utf-8") as f:
         points = {p["step"]: p for p in map(json.loads, filter(str.strip, f))}  # a resumed run's repeats: last wins
     if not t.keep_checkpoints:

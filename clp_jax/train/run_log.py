@@ -1,4 +1,4 @@
-"""Run metrics: JSONL (one object per line, null for NaN/inf), TensorBoard event files (tensorboardX), MFU."""
+"""The run log: metrics as JSONL (one object per line, null for NaN/inf) and TensorBoard events (tensorboardX), MFU."""
 
 from __future__ import annotations
 

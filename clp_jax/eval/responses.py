@@ -1,5 +1,5 @@
 """Per-language, per-task evaluation of a fine-tuned model: generated answers scored, plus response loss and
-bits per byte."""
+bits per byte from the held-out step (``eval.heldout.make_heldout_step``)."""
 
 from __future__ import annotations
 
@@ -18,21 +18,21 @@ from clp_jax.posttrain.generate import generate, pad_token_id
 from clp_jax.sharding import batch_divisor, batch_sharding
 
 
-def response_metrics(params: Any, eval_step: Callable, mesh: Mesh, formatted: Sequence, token_bytes: Sequence,
-                  seq_len: int, pad_id: int) -> dict[str, float]:
+def response_metrics(params: Any, heldout_step: Callable, mesh: Mesh, formatted: Sequence, token_bytes: Sequence,
+                     seq_len: int, pad_id: int) -> dict[str, float]:
     """Mean next-token cross-entropy over response tokens only (nats), and in bits per response byte."""
     batch = sft_batch(formatted, seq_len, pad_id, response_bytes=token_bytes)
     rows = batch["tokens"].shape[0]
     target = -(-rows // batch_divisor(mesh)) * batch_divisor(mesh)
     batch = {k: np.pad(v, ((0, target - rows), (0, 0))) for k, v in batch.items()}
     batch = {k: jax.device_put(v, batch_sharding(mesh, v.shape)) for k, v in batch.items()}
-    m = jax.device_get(eval_step(params, batch))
+    m = jax.device_get(heldout_step(params, batch))
     total = float(m["loss_sum"])
     return {"response_loss": total / max(float(m["tokens"]), 1.0),
             "response_bpb": bits_per_byte(total, float(m["bytes"]))}
 
 
-def evaluate_examples(params: Any, cfg: TransformerConfig, tokenizer: Any, mesh: Mesh, eval_step: Callable,
+def evaluate_examples(params: Any, cfg: TransformerConfig, tokenizer: Any, mesh: Mesh, heldout_step: Callable,
                       sets: Mapping[tuple[str, str], Sequence[Mapping[str, str]]], kinds: Mapping[str, str], *,
                       max_new_tokens: int, seq_len: int) -> list[dict[str, Any]]:
     """One row per (task, language): the task's metrics on greedy generations, response loss and bpb."""
@@ -48,8 +48,8 @@ def evaluate_examples(params: Any, cfg: TransformerConfig, tokenizer: Any, mesh:
         predictions = tokenizer.batch_decode(ids, skip_special_tokens=True)
         scores = score_task(kinds[task], predictions, [e["targets"] for e in examples])
         rows.append({"task": task, "language": language, **scores,
-                     **response_metrics(params, eval_step, mesh, formatted, response_bytes(tokenizer, pairs), seq_len,
-                                       pad_id),
+                     **response_metrics(params, heldout_step, mesh, formatted, response_bytes(tokenizer, pairs),
+                                        seq_len, pad_id),
                      "example": {"prompt": examples[0]["inputs"], "reference": examples[0]["targets"],
                                  "prediction": predictions[0]}})
     return rows
