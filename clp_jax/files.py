@@ -7,8 +7,9 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,8 +101,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", newline: str | None = 
         raise
 
 
+def _primary_process() -> bool:
+    """False on every JAX process but the first of a multi-process run (JAX untouched when not imported)."""
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
+
+
 def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -> None:
-    """``data`` as indented UTF-8 JSON ending in a newline, atomically (the package's one JSON writer)."""
+    """``data`` as indented UTF-8 JSON ending in a newline, atomically, by the first process only (the package's
+    one JSON writer)."""
+    if not _primary_process():
+        return
     with atomic_open(path) as f:
         json.dump(data, f, indent=2, ensure_ascii=False, sort_keys=sort_keys)
         f.write("\n")
@@ -132,3 +142,67 @@ def read_lines(path: str) -> list[str]:
     if not lines:
         raise ClpError(f"{path}: data file is empty (no non-empty lines)")
     return lines
+
+
+def _write_error(out_dir: str, e: OSError, tmp: str | None = None) -> str:
+    """One line for an OSError while writing ``out_dir``; a file in the temp dir is named by its final path."""
+    name = os.path.abspath(str(e.filename)) if e.filename else ""
+    if tmp and (name + os.sep).startswith(tmp + os.sep):
+        name = out_dir + name[len(tmp):]
+    where = f" ({name})" if name and name != out_dir else ""
+    return f"{out_dir}: cannot write the output: {e.strerror or e}{where}; nothing was written"
+
+
+def check_writable(out_dir: str, need_bytes: int = 0) -> None:
+    """A ClpError unless a temp dir can be made next to ``out_dir`` (its parent is created) and that filesystem
+    has ``need_bytes`` free: checked before a long computation whose result goes there."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=temp_prefix(out_dir), dir=parent))
+        free = shutil.disk_usage(parent).free
+    except OSError as e:
+        raise ClpError(_write_error(out_dir, e)) from e
+    if free < need_bytes:
+        from clp_jax.memory import format_bytes
+
+        raise ClpError(f"{out_dir}: the output needs about {format_bytes(need_bytes)} but {parent} has only "
+                       f"{format_bytes(free)} free")
+
+
+def _move_into_place(tmp: str, out_dir: str) -> None:
+    """Rename ``tmp`` to ``out_dir``, replacing an existing ``out_dir``."""
+    if not os.path.exists(out_dir):
+        os.rename(tmp, out_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    os.rename(out_dir, os.path.join(old, "x"))
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_dir(out_dir: str, fill: Callable[[str], None], overwrite: bool = False) -> None:
+    """Run ``fill(tmp_dir)`` in a temp dir ``.OUT.tmp-HOST-PID-*`` next to ``out_dir``, give it the umask's
+    permissions and rename it to ``out_dir``. Killed writers' leftover temp dirs of ``out_dir`` are removed first
+    (``remove_leftovers``); an OSError becomes a ClpError naming ``out_dir``; on any failure nothing is left."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ClpError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        remove_leftovers(out_dir)
+        tmp = tempfile.mkdtemp(prefix=temp_prefix(out_dir), dir=parent)
+    except OSError as e:
+        raise ClpError(_write_error(out_dir, e)) from e
+    try:
+        os.chmod(tmp, default_mode(directory=True))
+        fill(tmp)
+        _move_into_place(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ClpError(_write_error(out_dir, e, tmp)) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -33,7 +33,8 @@ import ml_dtypes
 import numpy as np
 
 from clp_jax.cli.main import keep_jax_off_libtpu
-from clp_jax.hf.writer import DEFAULT_MAX_SHARD_BYTES, atomic_dir, write_model_dir
+from clp_jax.files import atomic_dir
+from clp_jax.hf.writer import DEFAULT_MAX_SHARD_BYTES, write_model_dir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,13 +9,12 @@ import sys
 import pytest
 
 from clp_jax.errors import ClpError
-from clp_jax.files import atomic_open, read_lines, remove_leftovers, temp_prefix
-from clp_jax.hf.writer import atomic_dir
+from clp_jax.files import atomic_dir, atomic_open, read_lines, remove_leftovers, temp_prefix
 
 KILLED_WRITER = """
 import os, sys, time
 from clp_jax.files import atomic_open
-from clp_jax.hf.writer import atomic_dir
+from clp_jax.files import atomic_dir
 
 root = sys.argv[1]
 writer = atomic_open(os.path.join(root, "notes.txt"))
@@ -90,3 +89,18 @@ def test_text_and_gguf_readers_say_a_directory_is_a_directory(tmp_path):
         open_gguf(str(tmp_path))
     with pytest.raises(ClpError, match=r"none.txt: data file not found$"):
         read_lines(str(tmp_path / "none.txt"))
+
+
+def test_write_json_writes_on_the_first_process_only(tmp_path, monkeypatch):
+    """In a multi-process JAX run only process 0 writes (every process runs the same code)."""
+    import sys
+    import types
+
+    from clp_jax.files import write_json
+
+    monkeypatch.setitem(sys.modules, "jax", types.SimpleNamespace(process_index=lambda: 1))
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert not (tmp_path / "a.json").exists()
+    monkeypatch.setitem(sys.modules, "jax", types.SimpleNamespace(process_index=lambda: 0))
+    write_json(tmp_path / "a.json", {"x": float(2)}, sort_keys=True)
+    assert (tmp_path / "a.json").read_text() == '{\n  "x": 2.0\n}\n'

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_an_unwritable_output_fails_before_computing_and_write_errors_leave_noth
     args = ["--source", dirs / "gpt2-src", "--helper-tokenizer", dirs / "helper", "--strategy", "random"]
     (tmp_path / "file").write_text("not a dir")
     (tmp_path / "ro").mkdir()
-    real_mkdtemp, real_usage = writer.tempfile.mkdtemp, shutil.disk_usage
+    real_mkdtemp, real_usage = tempfile.mkdtemp, shutil.disk_usage
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro"))
@@ -169,15 +170,15 @@ def test_an_unwritable_output_fails_before_computing_and_write_errors_leave_noth
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(run, "transfer_params", lambda *a, **k: pytest.fail("computed before checking the output"))
-    monkeypatch.setattr(writer.tempfile, "mkdtemp", denied)  # a read-only parent (root ignores chmod)
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)  # a read-only parent (root ignores chmod)
     code, out, err = transfer([*args, "--out", tmp_path / "ro" / "o"], capsys)
     assert code == 2 and out == "" and err.strip().splitlines() == [
         f"clp-jax transfer: error: {tmp_path / 'ro' / 'o'}: cannot write the output: Permission denied "
         f"({tmp_path / 'ro'}); nothing was written"], err
-    monkeypatch.setattr(writer.tempfile, "mkdtemp", real_mkdtemp)
+    monkeypatch.setattr(tempfile, "mkdtemp", real_mkdtemp)
     code, out, err = transfer([*args, "--out", tmp_path / "file" / "o"], capsys)
     assert code == 2 and "cannot write the output: File exists" in err and len(err.strip().splitlines()) == 1, err
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1000))
     code, out, err = transfer([*args, "--out", tmp_path / "o"], capsys)
     assert code == 2 and f"MiB but {tmp_path} has only 0.0 MiB free" in err and len(err.strip().splitlines()) == 1, err
     monkeypatch.undo()

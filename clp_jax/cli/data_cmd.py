@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 
 def run(args: argparse.Namespace) -> int:
-    from clp_jax.hf.writer import atomic_dir
+    from clp_jax.files import atomic_dir
 
     cfg = resolve_config(DataRunConfig, args, {"tokenizer": "tokenizer", "steps": "steps", "out": "out"})
     tokenizer = load_tokenizer(cfg.tokenizer)

@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
 
 def run(args: argparse.Namespace) -> int:
     from clp_jax.eval.perplexity import evaluate_model_dir
-    from clp_jax.hf.writer import atomic_dir
+    from clp_jax.files import atomic_dir
 
     cfg = resolve_config(EvalConfig, args, {"model": "model", "data": "data", "seq_len": "seq_len",
                                             "batch_size": "batch_size", "dtype": "dtype", "out": "out"})

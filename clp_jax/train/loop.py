@@ -52,11 +52,6 @@ def _say(msg: str) -> None:
         print(f"[train] {msg}", file=sys.stderr, flush=True)
 
 
-def _write_json(path: str, data: Any) -> None:
-    if jax.process_index() == 0:
-        write_json(path, data)
-
-
 def check_shapes(cfg: TrainConfig, model_cfg: TransformerConfig, mesh: jax.sharding.Mesh) -> None:
     """A ClpError before anything runs for a seq_len past the model's learned positions or a batch the mesh and
     gradient accumulation cannot split evenly."""
@@ -293,6 +288,6 @@ class Trainer:
             self.export(os.path.join(cfg.run_dir, "hf", "final"))
         summary = json_safe({"status": status, "step": self.step, "run_dir": cfg.run_dir,
                              **{k: v for k, v in last.items() if k != "step"}, "data": data.train.counters()})
-        _write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
+        write_json(os.path.join(cfg.run_dir, "summary.json"), summary)
         self.checkpointer.close()
         return summary

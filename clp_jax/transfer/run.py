@@ -20,11 +20,11 @@ import pydantic
 from clp_jax import models
 from clp_jax.config import ConfigModel, config_to_dict
 from clp_jax.errors import ClpError
+from clp_jax.files import check_writable
 from clp_jax.hf.reader import TensorFiles, hf_key, load_params, read_config, read_config_dict, read_generation_config
 from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
 from clp_jax.hf.writer import (
     DEFAULT_MAX_SHARD_BYTES,
-    check_writable,
     hf_config_dict,
     save_pretrained,
     write_model_dir,
