@@ -34,7 +34,7 @@ from clp_jax.models.weights import lookup
 from clp_jax.sharding import MeshConfig, mesh_from_config
 from clp_jax.transfer.align import VocabAlignment, align_vocabularies, fvt_pieces
 from clp_jax.transfer.embeddings import HELPER_STRATEGIES, MAX_NORM_FACTOR, MIN_MEAN_COS, RULE
-from clp_jax.transfer.pipeline import STRATEGIES, embedding_paths, from_scratch_params, transfer_params
+from clp_jax.transfer.params import STRATEGIES, embedding_paths, from_scratch_params, transfer_params
 from clp_jax.transfer.validate import DEFAULT_STRATEGY
 
 Strategy = Literal["clp", "clp-topk", "clp-sparsemax", "omp", "fvt", "random", "mean", "overlap", "from-scratch"]

@@ -51,7 +51,7 @@ from clp_jax.train.loop import Trainer
 from clp_jax.train.optimizer import OptimizerConfig
 from clp_jax.transfer.align import align_vocabularies
 from clp_jax.transfer.embeddings import HELPER_STRATEGIES
-from clp_jax.transfer.pipeline import STRATEGIES
+from clp_jax.transfer.params import STRATEGIES
 from clp_jax.transfer.run import Strategy, TransferConfig, input_embedding, run_transfer
 from clp_jax.transfer.study_report import cell, mean_cosine_to_shared_mean, write_results
 
