@@ -267,13 +267,17 @@ def test_checkpoint_without_a_checksum_or_restored_as_other_dtypes_still_restore
 
 
 KILLED_MID_SAVE = """
-import os, signal, sys
+import os, signal, sys, time
 import jax.numpy as jnp
 from clp_jax.train.checkpoint import CheckpointConfig, Checkpointer
 ckpt = Checkpointer(sys.argv[1], CheckpointConfig(every_steps=1, async_save=True))
 ckpt.save(1, {"w": jnp.full((8, 16), 1.0)}, {"step": 1})
 ckpt.wait()
-ckpt.save(2, {"w": jnp.full((2048, 2048), 2.0)}, {"step": 2})  # 16 MB, still being written when killed
+ckpt.save(2, {"w": jnp.full((4096, 4096), 2.0)}, {"step": 2})  # 64 MB, still being written when killed
+for _ in range(2000):  # the async save makes its temp dir in the background: kill once it exists
+    if any(".orbax-checkpoint-tmp" in name for name in os.listdir(sys.argv[1])):
+        break
+    time.sleep(0.001)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
