@@ -1,8 +1,12 @@
-"""Vendor figures of accelerator chips: the one table that MFU (train metrics) and `clp-jax plan` read."""
+"""Vendor figures of accelerator chips: the one table that MFU (train metrics) and `clp-jax plan` read; and
+whether this host has libtpu and a TPU (standard library only: the CLI asks before JAX starts)."""
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
+import os
 
 GIB = 1024**3
 
@@ -34,3 +38,20 @@ def chip_for_device_kind(kind: str) -> Chip | None:
     """The chip whose longest device_kind prefix starts ``kind`` (so "TPU v5 lite" is v5e, not v5p)."""
     matches = [(len(p), c) for c in CHIPS.values() for p in c.device_kinds if kind.startswith(p)]
     return max(matches, key=lambda m: m[0])[1] if matches else None
+
+
+def libtpu_installed() -> bool:
+    """Whether libtpu (the TPU compiler) can be loaded: the ``libtpu`` package or ``TPU_LIBRARY_PATH``."""
+    return importlib.util.find_spec("libtpu") is not None or os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))
+
+
+def host_has_tpu(sysfs: str = "/sys/bus/pci/devices", dev: str = "/dev") -> bool:
+    """Whether a TPU is attached: a Google (PCI vendor 0x1ae0) device on the PCI bus, or /dev/accel* nodes."""
+    for vendor in glob.glob(os.path.join(sysfs, "*", "vendor")):
+        try:
+            with open(vendor, encoding="ascii") as f:
+                if f.read().strip().lower() == "0x1ae0":
+                    return True
+        except OSError:
+            continue
+    return bool(glob.glob(os.path.join(dev, "accel*")))

@@ -79,17 +79,20 @@ def test_each_command_module_has_the_help_line_of_COMMANDS(command):
     assert {a.dest: a.help for a in subparsers._choices_actions} == COMMANDS
 
 
-def test_no_libtpu_errors_on_a_host_without_a_tpu():
+@pytest.mark.parametrize("jax_first", [True, False], ids=["jax-imported", "jax-not-yet-imported"])
+def test_no_libtpu_errors_on_a_host_without_a_tpu(jax_first):
+    from clp_jax.chips import host_has_tpu, libtpu_installed
     from clp_jax.cli.main import _jax_plugins_installed
-    from clp_jax.train.plan import host_has_tpu, libtpu_installed
 
     if not libtpu_installed() or host_has_tpu() or _jax_plugins_installed():
         pytest.skip("needs libtpu and no other PJRT plugin installed on a host without a TPU")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # conftest sets it for the tests
     # libtpu logs its errors once past its lock file, which another JAX process may hold (or this host refuse).
     env.update(PYTHONPATH=os.pathsep.join(sys.path), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    code = ("import jax; from clp_jax.cli.main import keep_jax_off_libtpu; keep_jax_off_libtpu('eval'); "
+    code = ("from clp_jax.cli.main import keep_jax_off_libtpu; keep_jax_off_libtpu('eval'); import jax; "
             "print(jax.devices()[0].platform)")
+    if jax_first:
+        code = "import jax; " + code
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "cpu", run.stderr
     assert "TPU" not in run.stderr, run.stderr

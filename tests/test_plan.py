@@ -190,7 +190,7 @@ def test_one_chip_table_serves_mfu_and_plan():
 
 
 def test_tpu_host_is_recognized_from_the_pci_bus_or_accel_nodes(tmp_path):
-    from clp_jax.train.plan import host_has_tpu
+    from clp_jax.chips import host_has_tpu
 
     sysfs, dev = tmp_path / "pci", tmp_path / "dev"
     (sysfs / "0000:00:04.0").mkdir(parents=True)

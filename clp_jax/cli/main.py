@@ -61,12 +61,12 @@ def keep_jax_off_libtpu(command: str) -> None:
     """On a host with libtpu but no TPU, run JAX on the CPU: libtpu's failed start logs errors (plan sets its own)."""
     if command == "plan" or os.environ.get("JAX_PLATFORMS") or _jax_plugins_installed():
         return
-    from clp_jax.train.plan import host_has_tpu, libtpu_installed
+    from clp_jax.chips import host_has_tpu, libtpu_installed
 
     if libtpu_installed() and not host_has_tpu():
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
+        os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is first imported, so most commands never import it here
+        if "jax" in sys.modules:  # a command module that imported jax already
+            sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def _jax_plugins_installed() -> bool:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
-import importlib.util
 import math
 import os
 import re
@@ -26,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from clp_jax.chips import CHIPS as ALL_CHIPS
-from clp_jax.chips import GIB, TPU_GENERATIONS, Chip
+from clp_jax.chips import GIB, TPU_GENERATIONS, Chip, host_has_tpu, libtpu_installed
 from clp_jax.errors import ClpError
 from clp_jax.sharding import batch_sharding, make_mesh
 from clp_jax.train.config import TrainConfig, model_config
@@ -113,23 +111,6 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
         raise ClpError(f"unknown TPU topology {name!r}; expected GENERATION:AxB[xC] with generation one of "
                        f"{', '.join(CHIPS)}, e.g. {', '.join(TOPOLOGY_EXAMPLES)}")
     return m.group(1), tuple(int(d) for d in m.group(2).split("x"))
-
-
-def libtpu_installed() -> bool:
-    """Whether libtpu (the TPU compiler) can be loaded: the ``libtpu`` package or ``TPU_LIBRARY_PATH``."""
-    return importlib.util.find_spec("libtpu") is not None or os.path.isfile(os.environ.get("TPU_LIBRARY_PATH", ""))
-
-
-def host_has_tpu(sysfs: str = "/sys/bus/pci/devices", dev: str = "/dev") -> bool:
-    """Whether a TPU is attached: a Google (PCI vendor 0x1ae0) device on the PCI bus, or /dev/accel* nodes."""
-    for vendor in glob.glob(os.path.join(sysfs, "*", "vendor")):
-        try:
-            with open(vendor, encoding="ascii") as f:
-                if f.read().strip().lower() == "0x1ae0":
-                    return True
-        except OSError:
-            continue
-    return bool(glob.glob(os.path.join(dev, "accel*")))
 
 
 @contextlib.contextmanager
