@@ -13,6 +13,7 @@ from clp_jax.eval.metrics import (
     extract_final_number,
     rouge_l,
     score_task,
+    task_metrics,
 )
 
 
@@ -148,3 +149,31 @@ def test_aggregate_errors():
         aggregate([{"language": "de", "task": "math", "exact_match": 1.0}] * 2, ["de"])
     with pytest.raises(ClpError, match="result 0 needs 'language' and 'task'"):
         aggregate([{"task": "math", "exact_match": 1.0}], ["de"])
+
+
+def test_wrong_language_answers_count_as_failures():
+    # 4 math answers, 3 right; the second right one is in the wrong language: 75 -> 50, language_ok 75.
+    scores = score_task("math", ["8", "so 9", "7", "1"], ["8", "9", "7", "2"], language_ok=[True, False, True, True])
+    assert scores == {"exact_match": 75.0, "language_ok": 75.0, "exact_match_lang": 50.0}
+    # ROUGE-L F per example: 10/11 (in language) and 1 (wrong language) -> mean 100 * (10/11 + 1) / 2 and
+    # 100 * (10/11 + 0) / 2.
+    preds, refs = ["the cat on the mat", "a b"], ["the cat sat on the mat", "a b"]
+    scores = score_task("summarization", preds, refs, language_ok=[True, False])
+    assert scores["rouge_l"] == pytest.approx(100 * (10 / 11 + 1) / 2)
+    assert scores["rouge_l_lang"] == pytest.approx(100 * (10 / 11) / 2)
+    assert scores["language_ok"] == 50.0
+    assert list(scores) == list(task_metrics("summarization"))
+    # chrF scores a wrong-language answer as "": ("ab", "x") vs ("abc", "x") is 2500/37 (above); with "x"
+    # wrong, ("ab", "") gives unigrams P=2/2, R=2/4, bigrams P=1/1, R=1/2 -> R=1/2, F = 5R / (4 + R) = 5/9.
+    scores = score_task("dialogue", ["ab", "x"], ["abc", "x"], language_ok=[True, False])
+    assert scores["chrf"] == pytest.approx(2500 / 37) and scores["chrf_lang"] == pytest.approx(500 / 9)
+    assert score_task("dialogue", ["ab"], ["abc"], language_ok=[False])["chrf_lang"] == 0.0
+    with pytest.raises(ClpError, match="1 flags for 2 predictions"):
+        score_task("math", ["1", "2"], ["1", "2"], language_ok=[True])
+
+
+def test_task_metrics_names_what_score_task_returns():
+    assert task_metrics("math") == ("exact_match", "language_ok", "exact_match_lang")
+    assert list(score_task("math", ["1"], ["1"], language_ok=[True])) == list(task_metrics("math"))
+    with pytest.raises(ClpError, match="unknown task kind"):
+        task_metrics("poetry")

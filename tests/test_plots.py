@@ -3,7 +3,7 @@
 import pytest
 
 from clp_jax.eval.metrics import aggregate
-from clp_jax.posttrain.plots import gap_series, plot_gap
+from clp_jax.posttrain.plots import gap_series, plot_gap, plot_metric_vs_n, plot_transfer_matrix
 
 SEEN, UNSEEN = ["de", "es"], ["fr", "sw"]
 
@@ -37,3 +37,17 @@ def test_plot_gap_writes_a_png(tmp_path):
     path = tmp_path / "plots" / "gap.png"
     plot_gap(grid_rows(), "exact_match", SEEN, UNSEEN, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_language_checked_metrics_plot_only_the_tasks_that_have_them(tmp_path):
+    math = [{**r, "exact_match_lang": r["exact_match"] and r["exact_match"] / 2} for r in grid_rows()]
+    summaries = [{**r, "task": "summarization", "chrf_lang": 40.0, "language_ok": 80.0}
+                 for r in rows_of(8, "de", {"en": 0.0, "de": 0.0, "es": 0.0})]
+    rows = math + summaries
+    assert gap_series(rows, "exact_match_lang", SEEN, UNSEEN)[("tiny", "multi", "math")][8] == pytest.approx(
+        {"seen": 30.0, "unseen": 12.5})
+    assert gap_series(rows, "chrf_lang", SEEN, UNSEEN) == {}  # its only cell is a transfer-matrix one
+    assert plot_transfer_matrix(rows, "chrf_lang", 8, "math", str(tmp_path / "matrix.png"))
+    assert (tmp_path / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot_metric_vs_n(rows, "exact_match_lang", SEEN, UNSEEN, str(tmp_path / "vs_n.png"))
+    assert (tmp_path / "vs_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

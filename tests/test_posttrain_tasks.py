@@ -1,10 +1,13 @@
-"""Offline post-training tasks: math word problems, demo-corpus dialogue pairs, Aya-format JSONL in and out."""
+"""Offline post-training tasks: math word problems, demo-corpus dialogue pairs, Wikipedia descriptions,
+Aya-format JSONL in and out."""
 
+import hashlib
 import json
 import re
 
 import pytest
 from num2words import num2words
+from wiki_cache import TEXT, write_wiki_cache
 
 from clp_jax.data.sources import SourceConfig, read_source
 from clp_jax.errors import ClpError
@@ -13,9 +16,13 @@ from clp_jax.posttrain.tasks import (
     LANGUAGES_MATH,
     OPERATIONS,
     TASKS,
+    article_split,
     dialogue_pairs,
     load_jsonl_task,
     math_problems,
+    wiki_articles,
+    wiki_descriptions,
+    wiki_summaries_path,
     write_jsonl,
 )
 
@@ -114,8 +121,58 @@ def test_dialogue_errors():
 
 
 def test_tasks_registry():
-    assert TASKS["math"]("de", 3, 0) == math_problems("de", 3, seed=0)
-    assert len(TASKS["dialogue"]("en", 3, 0)) == 3
+    assert TASKS["math"].examples("de", 3, 0) == math_problems("de", 3, seed=0)
+    assert TASKS["math"].examples("de", 3, 0, split="eval") == math_problems("de", 3, seed=10_000)
+    assert len(TASKS["dialogue"].examples("en", 3, 0)) == 3
+    assert {name: task.kind for name, task in TASKS.items()} == {"math": "math", "dialogue": "dialogue",
+                                                                "summarization": "summarization"}
+    assert TASKS["summarization"].languages == ("en", "fr", "es")
+    with pytest.raises(ClpError, match="no language 'de'"):
+        TASKS["summarization"].examples("de", 3, 0)
+
+
+def test_wiki_descriptions_split_by_key_disjoint_and_seeded(tmp_path):
+    write_wiki_cache(tmp_path, "en", 200)
+    eval_keys = {f"en-{i}" for i in range(200) if int(hashlib.sha256(f"en-{i}".encode()).hexdigest(), 16) % 10 == 0}
+    train = wiki_descriptions("en", 200 - len(eval_keys), seed=0, split="train", cache_dir=tmp_path)
+    held_out = wiki_descriptions("en", len(eval_keys), seed=3, split="eval", cache_dir=tmp_path)
+    assert {e["targets"] for e in held_out} == {f"thing {k[3:]} in en" for k in eval_keys}  # the split is sha256
+    assert not {e["inputs"] for e in train} & {e["inputs"] for e in held_out}
+    assert len(train) + len(held_out) == 200
+    first = wiki_descriptions("en", 5, seed=1, cache_dir=tmp_path)
+    assert first == wiki_descriptions("en", 5, seed=1, cache_dir=tmp_path)
+    assert first != wiki_descriptions("en", 5, seed=2, cache_dir=tmp_path)
+    i = first[0]["targets"].split()[1]
+    assert first[0]["inputs"] == TEXT.format(i=i, title=f"Thing {i}") + f"\n\nDescribe Thing {i} in a few words."
+    assert {k: first[0][k] for k in ("language", "task")} == {"language": "en", "task": "summarization"}
+
+
+def test_wiki_descriptions_keep_usable_distinct_articles(tmp_path):
+    text = TEXT.format(i=0, title="Thing 0")
+    extra = [{"key": "nodesc", "title": "A", "description": "", "text": text + " More.", "language": "fr"},
+             {"key": "short", "title": "B", "description": "b", "text": "Too short to use.", "language": "fr"},
+             {"key": "same", "title": "C", "description": text + " C", "text": text + " C", "language": "fr"},
+             {"key": "copy", "title": "D", "description": "d", "text": text, "language": "fr"}]
+    write_wiki_cache(tmp_path, "fr", 1, extra)
+    assert [a["key"] for a in wiki_articles("fr", tmp_path)] == ["fr-0"]  # "copy" repeats fr-0's text
+    (example,) = wiki_descriptions("fr", 1, split=article_split("fr-0"), cache_dir=tmp_path)
+    assert example["targets"] == "thing 0 in fr"
+    assert example["inputs"] == text + "\n\nDécris Thing 0 en quelques mots."
+
+
+def test_wiki_descriptions_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLP_JAX_CACHE", str(tmp_path / "cache"))
+    assert wiki_summaries_path("es") == tmp_path / "cache" / "wiki-es" / "text" / "es.jsonl"
+    with pytest.raises(ClpError, match=r"needs the dataset wiki-es.*run `clp-jax fetch wiki-es`"):
+        wiki_descriptions("es", 1)
+    path = write_wiki_cache(tmp_path / "cache", "es", 30)
+    with pytest.raises(ClpError, match="cannot draw 30"):
+        wiki_descriptions("es", 30)
+    with pytest.raises(ClpError, match="split must be"):
+        wiki_descriptions("es", 1, split="test")
+    path.write_text(path.read_text() + '{"key": "x"}\n')
+    with pytest.raises(ClpError, match=r"es.jsonl:31: not a summary record"):
+        wiki_descriptions("es", 1)
 
 
 def test_jsonl_round_trip(tmp_path):

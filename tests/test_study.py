@@ -6,6 +6,7 @@ import json
 import pytest
 import yaml
 from train_setup import make_train_config
+from wiki_cache import write_wiki_cache
 
 from clp_jax.cli.main import main
 from clp_jax.errors import ClpError
@@ -36,6 +37,46 @@ def test_validation_errors():
         study.validate(config(tasks=["poetry"]))
     with pytest.raises(ClpError, match="disjoint"):
         study.validate(config(unseen_languages=["de"]))
+    with pytest.raises(ClpError, match="eval.metric 'chrf_lang' is not a metric of this study"):
+        study.validate(config(tasks=["math"], eval={"metric": "chrf_lang"}))
+    assert study.validate(config(eval={"metric": "chrf_lang"})) == []  # dialogue has it
+    with pytest.raises(ClpError, match="knows no language xx"):
+        study.validate(config(unseen_languages=["xx"]))
+
+
+def coverage_config(tmp_path, **overrides):
+    for lang in ("en", "fr", "es"):
+        write_wiki_cache(tmp_path / "cache", lang, 100)
+    return config(**{"tasks": ["math", "summarization"], "seen_languages": ["fr", "de"],
+                     "unseen_languages": ["es", "it"], "fetch_cache": str(tmp_path / "cache"), "english_budget": 10,
+                     "eval": {"examples_per_language": 4}, **overrides})
+
+
+def test_pairs_a_task_does_not_cover_are_skipped(tmp_path):
+    cfg = coverage_config(tmp_path)
+    assert study.validate(cfg) == ["task 'summarization' has no 'de' examples: not trained or evaluated in 'de'",
+                                   "task 'summarization' has no 'it' examples: not trained or evaluated in 'it'"]
+    assert study.coverage(cfg) == {"math": ["en", "fr", "de", "es", "it"], "summarization": ["en", "fr", "es"]}
+    sets = study.eval_sets(cfg)
+    assert sorted(sets) == sorted([("math", lang) for lang in ("en", "fr", "de", "es", "it")]
+                                  + [("summarization", lang) for lang in ("en", "fr", "es")])
+    assert all(len(rows) == 4 and all(r["language"] == lang and r["task"] == task for r in rows)
+               for (task, lang), rows in sets.items())
+    held_out = {e["inputs"] for rows in sets.values() for e in rows}
+    cell = study.Cell("m", "multi", ("math", "summarization"), 5, ("fr", "de"))
+    sources = study.write_cell_data(cfg, cell, str(tmp_path / "data"), held_out)
+    assert [s.name for s in sources] == ["math-en", "math-fr", "math-de", "summarization-en", "summarization-fr"]
+    summaries = [json.loads(line) for line in open(tmp_path / "data" / "summarization-fr.jsonl")]
+    assert len(summaries) == 5 and not {r["inputs"] for r in summaries} & held_out
+
+
+def test_a_task_without_english_or_any_seen_language_is_an_error(tmp_path):
+    with pytest.raises(ClpError, match=r"task 'summarization' needs examples in 'en' and in a seen language "
+                                       r"\(de, it\); it covers en, es"):
+        study.validate(coverage_config(tmp_path, seen_languages=["de", "it"], unseen_languages=["es"]))
+    with pytest.raises(ClpError, match="needs the dataset wiki-en.*run `clp-jax fetch wiki-en`"):
+        study.eval_sets(config(tasks=["summarization"], seen_languages=["fr"], unseen_languages=[],
+                               fetch_cache=str(tmp_path / "empty")))
 
 
 def test_tiny_study_runs_resumes_and_plots(tmp_path, capsys):
@@ -56,6 +97,8 @@ def test_tiny_study_runs_resumes_and_plots(tmp_path, capsys):
     assert {r["language"] for r in rows} == {"en", "de", "fr"}
     assert all(float(r["response_loss"]) > 0 and 0 <= float(r["exact_match"]) <= 100 for r in rows)
     assert all(float(r["response_bpb"]) > 0 for r in rows)
+    assert all(0 <= float(r["exact_match_lang"]) <= float(r["exact_match"]) for r in rows)
+    assert all(0 <= float(r["language_ok"]) <= 100 for r in rows)
     seen = {(r["n"], r["language"]): r["seen"] for r in rows}
     assert seen[("12", "de")] == "True" and seen[("12", "fr")] == "False" and seen[("0", "de")] == "False"
     assert main(["study", "clt", "--config", str(tmp_path / "study.yaml")]) == 0  # unchanged: nothing retrained

@@ -2,7 +2,8 @@
 averages over seen and unseen languages with the gap between them.
 
 Every score that `score_task` returns is on a 0-100 scale (exact match and ROUGE-L as percentages, chrF as
-sacrebleu reports it), so one table holds them all. Pure functions: the caller prints and saves.
+sacrebleu reports it), so one table holds them all; given which answers are in the expected language, it adds
+`language_ok` and `<score>_lang` with the others counted as failures. Pure functions: the caller prints and saves.
 """
 
 from __future__ import annotations
@@ -158,17 +159,46 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_ROUGE_L.score(reference, prediction)["rougeL"].fmeasure)
 
 
-def score_task(task_kind: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+def task_metrics(task_kind: str) -> tuple[str, ...]:
+    """The names `score_task` gives a kind's scores (with `language_ok`: the language check's too)."""
+    if task_kind not in TASK_KINDS:
+        raise ClpError(f"unknown task kind '{task_kind}' (known: {', '.join(TASK_KINDS)})")
+    base = ("exact_match",) if task_kind in MATH_KINDS else ("chrf", "rouge_l")
+    return (*base, "language_ok", *(f"{m}_lang" for m in base))
+
+
+def score_task(task_kind: str, predictions: Sequence[str], references: Sequence[str],
+               language_ok: Sequence[bool] | None = None) -> dict[str, float]:
     """Scores of one task in one language, 0-100: math -> exact_match; summarization, dialogue, open ->
-    chrf (corpus level) and rouge_l (mean of per-example F-measures)."""
+    chrf (corpus level) and rouge_l (mean of per-example F-measures).
+
+    With `language_ok` (per answer: not in a wrong language), also its share `language_ok` and each score
+    with wrong-language answers as failures: `exact_match_lang` and `rouge_l_lang` count them as 0,
+    `chrf_lang` scores them as empty answers.
+    """
     _check_pairs(predictions, references, f"task kind '{task_kind}'")
+    task_metrics(task_kind)
+    if language_ok is not None and len(language_ok) != len(predictions):
+        raise ClpError(f"language check: {len(language_ok)} flags for {len(predictions)} predictions")
+    ok = [float(bool(x)) for x in language_ok or ()]
     if task_kind in MATH_KINDS:
         matches = [exact_match(p, r) for p, r in zip(predictions, references)]
-        return {"exact_match": 100.0 * sum(matches) / len(matches)}
-    if task_kind in OVERLAP_KINDS:
-        rouge = [rouge_l(p, r) for p, r in zip(predictions, references)]
-        return {"chrf": chrf(predictions, references), "rouge_l": 100.0 * sum(rouge) / len(rouge)}
-    raise ClpError(f"unknown task kind '{task_kind}' (known: {', '.join(TASK_KINDS)})")
+        scores = {"exact_match": _percent(matches)}
+        if language_ok is None:
+            return scores
+        penalized = [m * k for m, k in zip(matches, ok)]
+        return {**scores, "language_ok": _percent(ok), "exact_match_lang": _percent(penalized)}
+    rouge = [rouge_l(p, r) for p, r in zip(predictions, references)]
+    scores = {"chrf": chrf(predictions, references), "rouge_l": _percent(rouge)}
+    if language_ok is None:
+        return scores
+    kept = [p if k else "" for p, k in zip(predictions, ok)]
+    return {**scores, "language_ok": _percent(ok), "chrf_lang": chrf(kept, references),
+            "rouge_l_lang": _percent([r * k for r, k in zip(rouge, ok)])}
+
+
+def _percent(values: Sequence[float]) -> float:
+    return 100.0 * sum(values) / len(values)
 
 
 def _mean(values: list[float]) -> float | None:

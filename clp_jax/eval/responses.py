@@ -1,5 +1,6 @@
-"""Per-language, per-task evaluation of a fine-tuned model: generated answers scored, plus response loss and
-bits per byte from the held-out step (``eval.heldout.make_heldout_step``)."""
+"""Per-language, per-task evaluation of a fine-tuned model: generated answers scored (also with wrong-language
+answers as failures, `eval.language_id`), plus response loss and bits per byte from the held-out step
+(``eval.heldout.make_heldout_step``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clp_jax.data.sft import format_examples, response_bytes, sft_batch
+from clp_jax.eval.language_id import in_expected_language
 from clp_jax.eval.metrics import score_task
 from clp_jax.eval.perplexity import bits_per_byte
 from clp_jax.models.config import TransformerConfig
 from clp_jax.posttrain.generate import generate, pad_token_id
 from clp_jax.sharding import batch_divisor, batch_sharding
+
+RESPONSE_METRICS = ("response_loss", "response_bpb")
 
 
 def response_metrics(params: Any, heldout_step: Callable, mesh: Mesh, formatted: Sequence, token_bytes: Sequence,
@@ -35,8 +39,10 @@ def response_metrics(params: Any, heldout_step: Callable, mesh: Mesh, formatted:
 def evaluate_examples(params: Any, cfg: TransformerConfig, tokenizer: Any, mesh: Mesh, heldout_step: Callable,
                       sets: Mapping[tuple[str, str], Sequence[Mapping[str, str]]], kinds: Mapping[str, str], *,
                       max_new_tokens: int, seq_len: int) -> list[dict[str, Any]]:
-    """One row per (task, language): the task's metrics on greedy generations, response loss and bpb."""
+    """One row per (task, language): the task's metrics on greedy generations (`score_task`, language-checked
+    against every language of `sets`), response loss and bpb."""
     pad_id = pad_token_id(tokenizer)
+    candidates = sorted({language for _, language in sets})
     rows = []
     for (task, language), examples in sets.items():
         pairs = [(e["inputs"], e["targets"]) for e in examples]
@@ -46,7 +52,8 @@ def evaluate_examples(params: Any, cfg: TransformerConfig, tokenizer: Any, mesh:
         ids = generate(params, cfg, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
                        pad_id=pad_id, mesh=mesh)
         predictions = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        scores = score_task(kinds[task], predictions, [e["targets"] for e in examples])
+        scores = score_task(kinds[task], predictions, [e["targets"] for e in examples],
+                            language_ok=in_expected_language(predictions, language, candidates))
         rows.append({"task": task, "language": language, **scores,
                      **response_metrics(params, heldout_step, mesh, formatted, response_bytes(tokenizer, pairs),
                                         seq_len, pad_id),

@@ -4,8 +4,9 @@ on seen and unseen languages (Shimabucoro et al. 2025, "A Post-trainer's Guide t
 A cell is (model, design, tasks, N, training languages): English gets a fixed budget of examples per task,
 each training language N. `design` is `single` (one task per cell) or `multi` (all tasks in one cell);
 with `transfer_matrix`, extra cells train on English plus one seen language each, for a train-language x
-eval-language matrix. Cells are independent; `clp_jax.posttrain.study_run` runs them and reuses a cell while
-the config it was made from is unchanged.
+eval-language matrix. A (task, language) pair the task does not cover (summarization is en/fr/es only) is
+neither trained on nor evaluated; `validate` lists those pairs. Cells are independent;
+`clp_jax.posttrain.study_run` runs them and reuses a cell while the config it was made from is unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from clp_jax.config import ConfigModel
 from clp_jax.data.pipeline import DataConfig
 from clp_jax.data.sources import SourceConfig
 from clp_jax.errors import ClpError
-from clp_jax.eval.metrics import MATH_KINDS, OVERLAP_KINDS
+from clp_jax.eval.language_id import known_languages
+from clp_jax.eval.metrics import MATH_KINDS, OVERLAP_KINDS, task_metrics
+from clp_jax.eval.responses import RESPONSE_METRICS
 from clp_jax.posttrain.tasks import TASKS, load_jsonl_task, write_jsonl
 from clp_jax.sharding import MeshConfig
 from clp_jax.train.config import EvalSection, ModelSection, TrainConfig
@@ -55,7 +58,7 @@ class StudyTrain(ConfigModel):
 class StudyEval(ConfigModel):
     examples_per_language: int = pydantic.Field(32, ge=1)
     max_new_tokens: int = pydantic.Field(32, ge=1)
-    metric: str = "response_loss"  # the metric the plots show
+    metric: str = "response_loss"  # the metric the plots show: response_*, or a task metric (`task_metrics`)
 
 
 class StudyConfig(ConfigModel):
@@ -63,7 +66,8 @@ class StudyConfig(ConfigModel):
 
     run_dir: str
     models: list[StudyModel] = pydantic.Field(min_length=1)
-    tasks: list[str | JsonlTask] = pydantic.Field(min_length=1)  # built-in: math, dialogue
+    tasks: list[str | JsonlTask] = pydantic.Field(min_length=1)  # built-in: math, dialogue, summarization
+    fetch_cache: str | None = None  # where `clp-jax fetch` put wiki-xx (default $CLP_JAX_CACHE, ~/.cache/clp-jax)
     english: str = "en"
     english_budget: int = pydantic.Field(200, ge=1)
     per_language: list[int] = pydantic.Field(default_factory=lambda: [0, 50])
@@ -97,11 +101,29 @@ def task_name(task: str | JsonlTask) -> str:
 
 
 def task_kind(task: str | JsonlTask) -> str:
-    return task if isinstance(task, str) else task.kind
+    return TASKS[task].kind if isinstance(task, str) else task.kind
 
 
-def validate(cfg: StudyConfig) -> None:
-    """Clear errors before any training: unknown tasks, overlapping language lists, duplicates."""
+def task_languages(task: str | JsonlTask) -> set[str]:
+    """The languages a task has examples in: a built-in task's list, a JSONL task's eval file's languages."""
+    if isinstance(task, str):
+        return set(TASKS[task].languages)
+    return {row["language"] for row in load_jsonl_task(task.eval, task.kind)}
+
+
+def coverage(cfg: StudyConfig) -> dict[str, list[str]]:
+    """Task name -> the study's languages (English, seen, unseen) it covers, in config order."""
+    languages = [cfg.english, *cfg.seen_languages, *cfg.unseen_languages]
+    out = {}
+    for task in cfg.tasks:
+        has = task_languages(task)
+        out[task_name(task)] = [lang for lang in languages if lang in has]
+    return out
+
+
+def validate(cfg: StudyConfig) -> list[str]:
+    """Clear errors before any training (unknown tasks or metric, overlapping language lists, duplicates, a task
+    without English or without any seen language); returns the skipped (task, language) pairs, one line each."""
     for t in cfg.tasks:
         if isinstance(t, str) and t not in TASKS:
             raise ClpError(f"unknown task {t!r} (built-in: {', '.join(TASKS)}; or give name/kind/train/eval "
@@ -114,6 +136,21 @@ def validate(cfg: StudyConfig) -> None:
         raise ClpError(f"seen_languages and unseen_languages must be disjoint and exclude {cfg.english!r}")
     if any(n < 0 for n in cfg.per_language):
         raise ClpError("per_language values must be >= 0")
+    metrics = dict.fromkeys([*RESPONSE_METRICS, *(m for t in cfg.tasks for m in task_metrics(task_kind(t)))])
+    if cfg.eval.metric not in metrics:
+        raise ClpError(f"eval.metric {cfg.eval.metric!r} is not a metric of this study (one of: {', '.join(metrics)})")
+    unknown = [lang for lang in [cfg.english, *cfg.seen_languages, *cfg.unseen_languages]
+               if lang not in known_languages()]
+    if unknown:
+        raise ClpError(f"the language check knows no language {', '.join(unknown)} (ISO 639-1 codes, e.g. 'fr')")
+    skipped = []
+    for name, covered in coverage(cfg).items():
+        if cfg.english not in covered or not set(covered) & set(cfg.seen_languages):
+            raise ClpError(f"task {name!r} needs examples in {cfg.english!r} and in a seen language "
+                           f"({', '.join(cfg.seen_languages)}); it covers {', '.join(covered) or 'none of them'}")
+        skipped += [f"task {name!r} has no {lang!r} examples: not trained or evaluated in {lang!r}"
+                    for lang in [*cfg.seen_languages, *cfg.unseen_languages] if lang not in covered]
+    return skipped
 
 
 def cells(cfg: StudyConfig) -> list[Cell]:
@@ -139,8 +176,7 @@ def cells(cfg: StudyConfig) -> list[Cell]:
 def _examples(cfg: StudyConfig, task: str | JsonlTask, language: str, n: int, split: str) -> list[dict]:
     """`n` examples of a task in a language: generated (built-in) or read from the user's JSONL files."""
     if isinstance(task, str):
-        seed = cfg.seed + (0 if split == "train" else 10_000)
-        rows = TASKS[task](language, n, seed)
+        rows = TASKS[task].examples(language, n, cfg.seed, split, cfg.fetch_cache)
     else:
         rows = load_jsonl_task(task.train if split == "train" else task.eval, task.kind, language=language)[:n]
     if len(rows) < n:
@@ -150,21 +186,22 @@ def _examples(cfg: StudyConfig, task: str | JsonlTask, language: str, n: int, sp
 
 
 def eval_sets(cfg: StudyConfig) -> dict[tuple[str, str], list[dict]]:
-    """(task, language) -> held-out examples for English, seen and unseen languages; never trained on."""
-    out = {}
-    for task in cfg.tasks:
-        for lang in [cfg.english, *cfg.seen_languages, *cfg.unseen_languages]:
-            out[(task_name(task), lang)] = _examples(cfg, task, lang, cfg.eval.examples_per_language, "eval")
-    return out
+    """(task, language) -> held-out examples for English, seen and unseen languages the task covers; never
+    trained on."""
+    covered = coverage(cfg)
+    return {(task_name(task), lang): _examples(cfg, task, lang, cfg.eval.examples_per_language, "eval")
+            for task in cfg.tasks for lang in covered[task_name(task)]}
 
 
 def write_cell_data(cfg: StudyConfig, cell: Cell, directory: str, held_out: set[str]) -> list[SourceConfig]:
-    """JSONL files for a cell (English budget + N per training language, per task) and their sources."""
+    """JSONL files for a cell (English budget + N per training language the task covers, per task) and their
+    sources."""
     os.makedirs(directory, exist_ok=True)
-    by_name = {task_name(t): t for t in cfg.tasks}
+    by_name, covered = {task_name(t): t for t in cfg.tasks}, coverage(cfg)
     sources = []
     for name in cell.tasks:
-        for lang, n in [(cfg.english, cfg.english_budget), *((lang, cell.n) for lang in cell.train_languages)]:
+        budgets = [(cfg.english, cfg.english_budget), *((lang, cell.n) for lang in cell.train_languages)]
+        for lang, n in [(lang, n) for lang, n in budgets if lang in covered[name]]:
             rows = [r for r in _examples(cfg, by_name[name], lang, n, "train") if r["inputs"] not in held_out]
             path = os.path.join(directory, f"{name}-{lang}.jsonl")
             write_jsonl(rows, path)
@@ -195,4 +232,5 @@ def result_rows(results: list[dict]) -> Iterator[dict[str, Any]]:
                    "n": r["n"], "train_languages": "+".join(r["train_languages"]), **row}
 
 
-__all__ = ["Cell", "StudyConfig", "cells", "eval_sets", "validate", "MATH_KINDS", "OVERLAP_KINDS", "task_kind"]
+__all__ = ["Cell", "StudyConfig", "cells", "coverage", "eval_sets", "validate", "MATH_KINDS", "OVERLAP_KINDS",
+           "task_kind"]

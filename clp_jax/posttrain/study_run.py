@@ -127,7 +127,9 @@ def write_plots(cfg: study.StudyConfig, rows: list[dict]) -> dict[str, str]:
 def run_clt_study(cfg: study.StudyConfig) -> dict[str, Any]:
     """Train and evaluate every cell (reusing unchanged ones), write the results and plots in ``cfg.run_dir`` and
     return the summary `clp-jax study clt` prints."""
-    study.validate(cfg)
+    skipped = study.validate(cfg)
+    for line in skipped:
+        _say(line)
     os.makedirs(cfg.run_dir, exist_ok=True)
     save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     grid, sets = study.cells(cfg), study.eval_sets(cfg)
@@ -135,5 +137,5 @@ def run_clt_study(cfg: study.StudyConfig) -> dict[str, Any]:
     results = [result for result, _ in done]
     rows = list(study.result_rows(results))
     write_results(cfg.run_dir, results, rows)
-    return {"cells": len(grid), "reused": sum(reused for _, reused in done), "rows": len(rows),
+    return {"cells": len(grid), "reused": sum(reused for _, reused in done), "rows": len(rows), "skipped": skipped,
             "run_dir": cfg.run_dir, "plots": write_plots(cfg, rows)}

@@ -1,5 +1,6 @@
-"""Post-training tasks that work offline: generated math word problems, demo-corpus dialogues, and any
-Aya-format JSONL file (`inputs`, `targets`, `language`), e.g. XLSum, MGSM translations or Aya itself.
+"""Post-training tasks that work offline: generated math word problems, demo-corpus dialogues, one-line
+descriptions of Wikipedia summaries (`clp-jax fetch wiki-xx`), and any Aya-format JSONL file (`inputs`,
+`targets`, `language`), e.g. XLSum, MGSM translations or Aya itself.
 
 Every example is `{"inputs", "targets", "language", "task"}` (math adds `meta`: operation, operands, answer);
 `write_jsonl` turns a list of them into a source for the data pipeline (`SourceConfig(format="jsonl", task=...)`).
@@ -7,6 +8,8 @@ Every example is `{"inputs", "targets", "language", "task"}` (math adds `meta`: 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.resources
 import json
 import os
@@ -20,10 +23,12 @@ from num2words import num2words
 from clp_jax.data.demo_corpus import LANGUAGES as DIALOGUE_LANGUAGES
 from clp_jax.data.sources import LM_TASK, SourceConfig, read_source
 from clp_jax.errors import ClpError
+from clp_jax.fetch import default_cache_dir
 from clp_jax.files import atomic_open
 
 MATH_TASK = "math"
 DIALOGUE_TASK = "dialogue"
+SUMMARIZATION_TASK = "summarization"
 NUMBER_STYLES = ("digits", "words", "mixed")
 OPERATIONS = ("add", "sub", "mul", "two_step")
 EXAMPLE_KEYS = ("inputs", "targets", "language", "task")
@@ -263,5 +268,94 @@ def write_jsonl(examples: Sequence[dict], path: str | os.PathLike) -> None:
             f.write(json.dumps(example, ensure_ascii=False) + "\n")
 
 
-# Built-in offline tasks: name -> generator(language, n, seed). JSONL tasks come through `load_jsonl_task`.
-TASKS: dict[str, Callable[..., list[dict]]] = {MATH_TASK: math_problems, DIALOGUE_TASK: dialogue_pairs}
+# One instruction per language, after the text so that cutting a long prompt from the left keeps it.
+_DESCRIBE = {"en": "{text}\n\nDescribe {title} in a few words.",
+             "fr": "{text}\n\nDécris {title} en quelques mots.",
+             "es": "{text}\n\nDescribe {title} en pocas palabras."}
+LANGUAGES_SUMMARIZATION = list(_DESCRIBE)
+EVAL_SHARE = 10  # one article in EVAL_SHARE is held out for evaluation
+MIN_TEXT_WORDS = 10
+
+
+def wiki_summaries_path(language: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `clp-jax fetch wiki-<language>` puts its summaries: `<cache>/wiki-xx/text/xx.jsonl`."""
+    return Path(cache_dir or default_cache_dir()) / f"wiki-{language}" / "text" / f"{language}.jsonl"
+
+
+def wiki_articles(language: str, cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The fetched summaries of one language that have a description and a text of >= MIN_TEXT_WORDS words,
+    one per distinct text, in file order."""
+    if language not in _DESCRIBE:
+        raise ClpError(f"summarization has no language {language!r} (available: {', '.join(_DESCRIBE)})")
+    path = wiki_summaries_path(language, cache_dir)
+    if not path.is_file():
+        raise ClpError(f"summarization in {language!r} needs the dataset wiki-{language}, not found at {path}: "
+                       f"run `clp-jax fetch wiki-{language}` (or point a study's fetch_cache at the cache holding it)")
+    articles: dict[str, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                key, title, text, description = (str(record[k]).strip() for k in ("key", "title", "text",
+                                                                                   "description"))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ClpError(f"{path}:{number}: not a summary record with key, title, text and description "
+                               f"({e})") from None
+            if description and description != text and len(text.split()) >= MIN_TEXT_WORDS:
+                articles.setdefault(text, {"key": key, "title": title, "text": text, "description": description})
+    return list(articles.values())
+
+
+def article_split(key: str) -> str:
+    """"eval" for one article key in EVAL_SHARE (by its sha256), else "train": fixed, whatever the seed."""
+    return "eval" if int(hashlib.sha256(key.encode()).hexdigest(), 16) % EVAL_SHARE == 0 else "train"
+
+
+def wiki_descriptions(language: str, n: int, seed: int = 0, split: str = "train",
+                      cache_dir: str | os.PathLike | None = None) -> list[dict]:
+    """`n` articles of one split drawn with `seed`: the summary and title in, the one-line description out.
+
+    The description is Wikidata's short description of the article, so the target is a real summary of a few
+    words. Splits are by article key (`article_split`), so no article is in both.
+    """
+    if split not in ("train", "eval"):
+        raise ClpError(f"split must be 'train' or 'eval' (found {split!r})")
+    pool = [a for a in wiki_articles(language, cache_dir) if article_split(a["key"]) == split]
+    if not 0 <= n <= len(pool):
+        raise ClpError(f"wiki-{language} has {len(pool)} {split} articles with a description; cannot draw {n}")
+    return [{"inputs": _DESCRIBE[language].format(text=a["text"], title=a["title"]), "targets": a["description"],
+             "language": language, "task": SUMMARIZATION_TASK} for a in random.Random(seed).sample(pool, n)]
+
+
+EVAL_SEED_OFFSET = 10_000  # generated tasks draw eval examples with seed + this (train ones equal to them are dropped)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinTask:
+    """An offline task a study can name: how it is scored, which languages it covers and its examples."""
+
+    kind: str
+    languages: tuple[str, ...]
+    make: Callable[[str, int, int, str, str | None], list[dict]]  # (language, n, seed, split, fetch cache)
+
+    def examples(self, language: str, n: int, seed: int = 0, split: str = "train",
+                 cache_dir: str | None = None) -> list[dict]:
+        """`n` examples of one language and split ("train" or "eval")."""
+        if language not in self.languages:
+            raise ClpError(f"task kind {self.kind!r} has no language {language!r} "
+                           f"(available: {', '.join(self.languages)})")
+        return self.make(language, n, seed, split, cache_dir)
+
+
+def _by_seed(generate: Callable[[str, int, int], list[dict]]) -> Callable[[str, int, int, str, str | None], list]:
+    """A generator whose eval split is drawn with another seed."""
+    return lambda language, n, seed, split, _: generate(language, n, seed + (EVAL_SEED_OFFSET if split == "eval"
+                                                                                else 0))
+
+
+# Built-in offline tasks by name. JSONL tasks come through `load_jsonl_task`.
+TASKS: dict[str, BuiltinTask] = {
+    MATH_TASK: BuiltinTask("math", tuple(LANGUAGES_MATH), _by_seed(math_problems)),
+    DIALOGUE_TASK: BuiltinTask("dialogue", tuple(DIALOGUE_LANGUAGES), _by_seed(dialogue_pairs)),
+    SUMMARIZATION_TASK: BuiltinTask("summarization", tuple(LANGUAGES_SUMMARIZATION), wiki_descriptions),
+}
