@@ -29,6 +29,7 @@ import jax
 import pydantic
 
 from clp_jax import models
+from clp_jax.compile_cache import use_compilation_cache
 from clp_jax.config import ConfigModel, config_to_dict, save_config
 from clp_jax.data.pipeline import DataConfig
 from clp_jax.data.sources import SourceConfig
@@ -179,14 +180,6 @@ def write_random_model(path: str, cfg: TransformerConfig, tokenizer: Any, seed: 
     base = hf_config_dict(cfg, tokenizer=tokenizer)
     base.update(dict.fromkeys(dropout_rates(base), 0.0))
     save_pretrained(path, params, cfg, base_config=base, tokenizer=tokenizer, overwrite=True)
-
-
-def use_compilation_cache(path: str) -> None:
-    """Compiled XLA programs cached in ``path`` unless a cache is set: every strategy's model has the same shapes,
-    so evals and training steps compile once."""
-    if not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 class _Stages:

@@ -110,3 +110,44 @@ def test_example_config_runs_with_english_plus_n_by_language(tmp_path, monkeypat
     assert json.loads(out.strip().splitlines()[-1])["status"] == "finished"
     records = [r for r in read_metrics("runs/sft_example") if "eval/math-fr/loss" in r]
     assert records and records[-1]["eval/math-en/loss"] > 0
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_sft_from_converted_gguf_uses_its_chat_template(tmp_path, capsys):
+    """A GGUF file's `tokenizer.chat_template` survives `clp-jax convert`, and `clp-jax sft` on the converted dir
+    formats examples with it: the loss covers exactly the tokens of the template's assistant turn."""
+    from test_gguf import case_qwen2, random_model, write_gguf
+
+    cfg, vocab, opts = case_qwen2()
+    gguf_path = write_gguf(tmp_path / "tiny.gguf", "qwen2", random_model(cfg), vocab,
+                           **dict(opts, chat_template=CHAT_TEMPLATE))
+    model_dir = tmp_path / "hf"
+    assert main(["convert", "--gguf", str(gguf_path), "--out", str(model_dir)]) == 0, capsys.readouterr().err
+    pairs = [(f"what is {a} plus {b}", f"it is {a + b}") for a in range(6) for b in range(3)]
+    write_jsonl(tmp_path / "qa.jsonl", [{"inputs": p, "targets": r, "language": "en"} for p, r in pairs])
+    cfg = yaml.safe_load(open(make_train_config(tmp_path, steps=2, **{"optimizer.warmup_steps": 1})))
+    cfg["model"] = {"init": str(model_dir)}
+    cfg["data"] = {"sources": [{"name": "qa", "path": str(tmp_path / "qa.jsonl"), "task": "math"}],
+                   "seq_len": 48, "batch_size": 8, "eval_documents": 2}
+    cfg["run_dir"] = str(tmp_path / "sft")
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["sft", "--config", str(tmp_path / "sft.yaml")]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "finished"
+
+    tokenizer = load_tokenizer(str(model_dir))
+    run_cfg = load_config(TrainConfig, tmp_path / "sft" / "config.yaml")
+    rows = next(build_data(run_cfg.data, tokenizer, process_index=0, process_count=1).train)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # the template rendered by hand: user turn + generation prompt, then the assistant text and its end-of-turn
+    rendered = {tuple(encode(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n")):
+                tuple(encode(f"{r}<|im_end|>\n")) for p, r in pairs}
+    for tokens, segments, weights in zip(rows["tokens"], rows["segment_ids"], rows["loss_weights"]):
+        for seg in set(segments.tolist()) - {0}:
+            at = np.flatnonzero(segments == seg)
+            response = tuple(tokens[at[1:]][weights[at[:-1]] == 1].tolist())
+            prompt = tuple(tokens[at][:len(at) - len(response)].tolist())
+            assert rendered.get(prompt) == response, tokenizer.decode(list(prompt) + list(response))
+    assert tokenizer.eos_token == "<|im_end|>"  # so plain formatting would end responses without the "\n"

@@ -10,9 +10,8 @@ import torch
 from hf_models import make_hf_model
 
 from clp_jax import models
-from clp_jax.cli.generate_cmd import eos_ids
 from clp_jax.cli.main import main
-from clp_jax.hf.reader import load_params
+from clp_jax.hf.reader import eos_ids, load_params
 from clp_jax.posttrain.generate import encode_prompts, generate, generate_arrays, left_pad, pad_token_id
 from clp_jax.sharding import make_mesh
 

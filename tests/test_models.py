@@ -96,3 +96,49 @@ def test_existing_families_keep_their_parameter_trees():
     assert layer["attn"]["q_norm"]["scale"].shape == (cfg.head_dim,)
     assert [cfg.layer_window(i) for i in range(4)] == [4, None, 4, None]
     assert [cfg.layer_rope(i)[0] for i in range(4)] == [100.0, 100000.0, 100.0, 100000.0]
+
+
+def _remat_model():
+    from clp_jax.models.config import TransformerConfig
+
+    cfg = TransformerConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                            head_dim=8, intermediate_size=48, norm="rmsnorm", norm_eps=1e-6, activation="silu",
+                            gated_mlp=True, position="rope", tie_word_embeddings=False, norm_bias=False)
+    params = models.init_params(cfg, jax.random.key(0))
+    tokens = jax.numpy.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jax.numpy.int32)
+    return cfg, params, lambda c: (lambda p: jax.numpy.mean(models.apply(p, c, tokens) ** 2))
+
+
+def test_remat_policies_keep_the_gradients():
+    from clp_jax.models.config import REMAT_POLICIES
+
+    cfg, params, loss = _remat_model()
+    ref = jax.grad(loss(cfg.replace(remat="none")))(params)
+    for policy in REMAT_POLICIES[1:]:
+        grads = jax.grad(loss(cfg.replace(remat=policy)))(params)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6, atol=1e-7, err_msg=policy)
+
+
+@pytest.mark.parametrize("policy", ["full", "minimal", "save_dot_with_context_except_mlp", "save_dot_except_mlp",
+                                    "save_qkv_proj"])
+def test_remat_policies_save_what_they_name(policy, capsys):
+    """The backward pass keeps exactly the policy's named intermediates, once per layer (MaxText's meanings);
+    mlpwo never, as only the residual add reads it and its derivative needs no input."""
+    import re
+
+    cfg, params, loss = _remat_model()
+    jax.ad_checkpoint.print_saved_residuals(loss(cfg.replace(remat=policy)), params)
+    saved = re.findall(r"named '(\w+)'", capsys.readouterr().out)
+    expected = {"full": set(), "save_qkv_proj": {"query_proj", "key_proj", "value_proj"}}
+    expected["save_dot_except_mlp"] = expected["save_qkv_proj"] | {"out_proj"}
+    expected["save_dot_with_context_except_mlp"] = expected["save_dot_except_mlp"] | {"context"}
+    expected["minimal"] = expected["save_dot_except_mlp"] | {"mlpwi_0", "mlpwi_1"}  # gated MLP
+    assert sorted(saved) == sorted(list(expected[policy]) * cfg.num_layers)
+
+
+def test_remat_true_and_false_are_full_and_none():
+    cfg, _, _ = _remat_model()
+    assert cfg.replace(remat=True).remat == "full" and cfg.replace(remat=False).remat == "none"
+    with pytest.raises(ValueError, match="remat='sometimes'"):
+        cfg.replace(remat="sometimes")

@@ -90,11 +90,11 @@ def test_plan_tiny_gpt2_on_v5e_2x2_fits(tiny, tmp_path):
 def test_model_config_is_the_init_architecture_with_the_runs_numerics(tiny, tmp_path):
     assert set(ModelSection.model_fields) == {"init", *NUMERICS_FIELDS}
     cfg = load_config(TrainConfig, train_yaml(tmp_path / "t.yaml", tiny))
-    cfg.model.remat, cfg.model.logits_chunk = True, 32
+    cfg.model.remat, cfg.model.logits_chunk, cfg.model.attention = True, 32, "splash"
     model_cfg, stored_dtype = model_config(cfg)
     assert model_cfg.architecture() == read_config(tiny).architecture()
-    assert (model_cfg.dtype, model_cfg.param_dtype, model_cfg.remat, model_cfg.logits_chunk) == \
-        ("bfloat16", "float32", True, 32)
+    assert (model_cfg.dtype, model_cfg.param_dtype, model_cfg.remat, model_cfg.logits_chunk, model_cfg.attention) == \
+        ("bfloat16", "float32", "full", 32, "splash")  # remat: true is the full policy
     assert stored_dtype == "float32"  # no weight files: the default
 
 
@@ -203,3 +203,36 @@ def test_tpu_host_is_recognized_from_the_pci_bus_or_accel_nodes(tmp_path):
     (sysfs / "0000:00:05.0" / "vendor").write_text("0x10de\n")
     (dev / "accel0").write_text("")
     assert host_has_tpu(str(sysfs), str(dev))
+
+
+# head_dim 128, as Splash tiles it on TPU (TINY's 16 is below a lane).
+TINY_128 = dict(TINY, n_embd=256, n_head=2)
+
+
+def test_cli_plans_splash_on_v5e_2x2(tmp_path, capsys):
+    init = write_arch(tmp_path, "tiny128", TINY_128)
+    path = train_yaml(tmp_path / "t.yaml", init)
+    assert main(["plan", "--config", path, "--topology", "v5e:2x2", "--search", "--attention", "splash",
+                 "--remat", "full"]) == 0
+    out, err = capsys.readouterr()
+    best = json.loads(out.strip().splitlines()[-1])["best"]
+    assert (best["attention"], best["remat"], best["fits"]) == ("splash", "full", True)
+    cfg = read_config(init)
+    # seq_len 128 is one Splash tile: forward, dq and dk/dv matmuls, and the forward again under full remat.
+    assert best["kernel_flops_per_step"] == 2 * (2 + 3 + 4 + 2) * 8 * 128 * 128 * 128 * 2 * cfg.num_layers
+    assert best["step_flops"] == best["xla_flops_per_step"] + best["kernel_flops_per_step"]
+    assert "chosen: model.attention=splash model.remat=full" in err
+
+
+def test_search_chooses_the_fewest_flops_that_fit(tmp_path):
+    init = write_arch(tmp_path, "tiny128", TINY_128)
+    cfg = load_config(TrainConfig, train_yaml(tmp_path / "t.yaml", init))
+    found = plan_module.plan_search(cfg, "v5e:2x2", remats=("none", "full"), min_headroom_gib=1.0)
+    by = {(c.attention, c.remat): c for c in found.candidates}
+    assert set(by) == {("xla", "none"), ("xla", "full"), ("splash", "none"), ("splash", "full")}
+    for attn in ("xla", "splash"):  # full remat runs the forward twice: more FLOPs, fewer bytes kept
+        assert by[attn, "full"].step_flops > by[attn, "none"].step_flops
+    for remat in ("none", "full"):  # one tile: Splash does the same matmuls XLA would, counted by hand
+        assert by["splash", remat].step_flops == pytest.approx(by["xla", remat].step_flops, rel=0.05)
+    assert found.best is min(found.candidates, key=lambda c: c.step_flops)  # all fit this tiny model
+    assert found.best.peak_step_seconds == pytest.approx(found.best.step_flops / (4 * 197e12))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from typing import Any
 
 from clp_jax.cli.common import positive, print_result
 from clp_jax.errors import ClpError
@@ -33,18 +32,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.set_defaults(func=run)
 
 
-def eos_ids(model_dir: str, tokenizer: Any) -> list[int]:
-    """EOS ids from the tokenizer and, when present, generation_config.json (chat models often list several)."""
-    from clp_jax.hf.reader import read_generation_config
-
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    extra = read_generation_config(model_dir).get("eos_token_id")
-    ids += [int(i) for i in ([] if extra is None else extra if isinstance(extra, list) else [extra])]
-    return sorted(set(ids))
-
-
 def run(args: argparse.Namespace) -> int:
-    from clp_jax.hf.reader import load_params, read_config
+    from clp_jax.hf.reader import eos_ids, load_params, read_config
     from clp_jax.hf.tokenizer import check_tokenizer_fits, load_tokenizer
     from clp_jax.posttrain.generate import encode_prompts, generate, pad_token_id
     from clp_jax.sharding import make_mesh

@@ -24,6 +24,7 @@ COMMANDS = {
     "plan": "compile a train config for a TPU topology ahead of time: per-chip HBM, fit, FLOPs and tokens/s",
     "data": "preview a run's data: sources, tokens, mixture shares and epochs",
     "eval": "perplexity of an HF model dir on a text file",
+    "lm-eval": "benchmarks through lm-evaluation-harness with an HF model dir (model name clp-jax)",
     "generate": "complete text prompts with an HF model dir (greedy or sampled)",
     "fetch": "download a model (as an HF dir) or a text corpus into the local cache",
     "convert": "convert a GGUF checkpoint into an HF model dir",
@@ -46,7 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_line in COMMANDS.items():
         if name == command:
-            importlib.import_module(f"clp_jax.cli.{name}_cmd").register(sub, [common])
+            importlib.import_module(f"clp_jax.cli.{name.replace('-', '_')}_cmd").register(sub, [common])
         else:
             sub.add_parser(name, help=help_line)
     return parser

@@ -4,8 +4,10 @@ transfer`: parse the flags and run `clp_jax.transfer.study.run_study`."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from clp_jax.cli.common import add_config_args, print_result, resolve_config
+from clp_jax.compile_cache import use_compilation_cache
 from clp_jax.posttrain.study import StudyConfig
 from clp_jax.posttrain.study_run import run_clt_study
 from clp_jax.transfer import study as transfer_study
@@ -24,7 +26,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     kinds = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     clt = kinds.add_parser("clt", parents=parents, help="cross-lingual transfer grid",
                            description="Writes run_dir/results.csv, results.json and PNG plots: metric vs N per "
-                                       "language, seen-vs-unseen gap, train x eval language transfer matrix.")
+                                       "language, seen-vs-unseen gap, train x eval language transfer matrix. "
+                                       "Compiled programs are cached in run_dir/xla_cache, so cells after the "
+                                       "first (and reruns) skip most compiles.")
     add_config_args(clt)
     clt.set_defaults(func=run)
     tr = kinds.add_parser(
@@ -67,5 +71,7 @@ def run_transfer_study(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    print_result(run_clt_study(resolve_config(StudyConfig, args, {})))
+    cfg = resolve_config(StudyConfig, args, {})
+    use_compilation_cache(os.path.abspath(os.path.join(cfg.run_dir, "xla_cache")))  # every cell has the same shapes
+    print_result(run_clt_study(cfg))
     return 0

@@ -63,6 +63,14 @@ def read_generation_config(model_dir: str) -> dict[str, Any]:
     return data
 
 
+def eos_ids(model_dir: str, tokenizer: Any) -> list[int]:
+    """EOS ids from the tokenizer and, when present, generation_config.json (chat models often list several)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    extra = read_generation_config(model_dir).get("eos_token_id")
+    ids += [int(i) for i in ([] if extra is None else extra if isinstance(extra, list) else [extra])]
+    return sorted(set(ids))
+
+
 def dropout_rates(raw: dict[str, Any]) -> dict[str, float]:
     """The config's non-zero dropout rates (``*dropout*``, ``*pdrop*``), but those of heads we never build."""
     return {k: v for k, v in raw.items() if re.search(r"dropout|pdrop", k) and not k.startswith(("summary_",

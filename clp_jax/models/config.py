@@ -15,7 +15,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # The fields of TransformerConfig that say how a run computes, not what the model is: a checkpoint's config.json
 # records every other field (its "dtype" is the stored weights' dtype, set from param_dtype on export).
-NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "logits_chunk")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "remat", "logits_chunk", "attention")
+# Attention implementations (``models.attention``): auto picks splash on TPU, cudnn on NVIDIA GPUs, else xla.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+# Remat policies, MaxText's names: which named intermediates of a layer the backward pass keeps (``full`` keeps
+# none and recomputes the layer, ``none`` keeps everything); ``transformer.remat_policy`` builds them.
+REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_with_context_except_mlp",
+                  "save_dot_except_mlpwi", "save_dot_except_mlp", "save_qkv_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +65,9 @@ class TransformerConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # stored dtype
-    remat: bool = False
+    remat: str = "none"  # one of REMAT_POLICIES; True/False mean "full"/"none"
     logits_chunk: int | None = None  # training loss: positions whose logits exist at once (None: all)
+    attention: str = "auto"  # one of ATTENTION_IMPLEMENTATIONS
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -68,6 +75,11 @@ class TransformerConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {sorted(DTYPES)}")
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        for name, allowed in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(allowed)}")
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
 

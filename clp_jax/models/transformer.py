@@ -5,6 +5,9 @@ Parameter tree (plain nested dicts), the same for every architecture:
   layers_{i}/{attn_norm, attn/{q,k,v,o, q_norm?, k_norm?}, attn_post_norm?, mlp_norm, mlp/{up, gate?, down},
   mlp_post_norm?}; final_norm; lm_head/kernel [embed, vocab] when embeddings are untied.
 Layers differ only by their sliding window and RoPE base (``cfg.layer_window``, ``cfg.layer_rope``).
+Attention runs in the kernel ``cfg.attention`` chooses (``models.attention``). Remat (``cfg.remat``) keeps what
+its policy names of each layer: query_proj, key_proj, value_proj, context (attention output), out_proj,
+mlpwi (mlpwi_0 gate, mlpwi_1 up when gated), mlpwo: MaxText's names for the same tensors.
 
 Decoding with a KV cache (``models.init_cache``): the cache holds per-layer k/v [B, L, KV, D] and the
 position of the token in each slot [B, L] (-1: empty or padding). A call writes its T tokens at slots
@@ -15,11 +18,14 @@ query's, so rows may start at different slots (left padding) and still count pos
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from clp_jax.models import attention
 from clp_jax.models.config import TransformerConfig
 from clp_jax.models.layers import (
     Norm,
@@ -28,7 +34,6 @@ from clp_jax.models.layers import (
     apply_rope,
     attention_mask,
     cache_attention_mask,
-    dot_product_attention,
     param,
     rope_inv_freq,
     softcap,
@@ -76,13 +81,14 @@ class Attention(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None, cache: Cache | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, Cache | None]:
+    def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None, segment_ids: Array,
+                 cache: Cache | None = None, cache_index: Array | None = None) -> tuple[Array, Cache | None]:
         cfg = self.cfg
         e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = Dense(cfg, (e,), (h, d), ("embed",), ("heads", "head_dim"), cfg.qkv_bias, name="q")(x)
         k = Dense(cfg, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="k")(x)
         v = Dense(cfg, (e,), (kv, d), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias, name="v")(x)
+        q, k, v = (checkpoint_name(a, n) for a, n in ((q, "query_proj"), (k, "key_proj"), (v, "value_proj")))
         if cfg.qk_norm:
             q, k = Norm(cfg, name="q_norm")(q), Norm(cfg, name="k_norm")(k)
         if cfg.position == "rope":
@@ -96,9 +102,13 @@ class Attention(nn.Module):
         scale = (cfg.attn_scale_dim or d) ** -0.5
         if cfg.scale_attn_by_inverse_layer_idx:
             scale /= self.layer_idx + 1
-        out = dot_product_attention(q, k, v, mask, bias, scale, cfg.attn_softcap)
-        return Dense(cfg, (h, d), (e,), ("heads", "head_dim"), ("embed",), cfg.out_bias,
-                     init_scale=(2 * cfg.num_layers) ** -0.5, name="o")(out), cache
+        impl = "xla" if cache is not None else cfg.attention
+        out = attention.attend(impl, q, k, v, mask, bias, segment_ids, scale, cfg.attn_softcap,
+                               cfg.layer_window(self.layer_idx))
+        out = checkpoint_name(out, attention.CONTEXT)
+        out = Dense(cfg, (h, d), (e,), ("heads", "head_dim"), ("embed",), cfg.out_bias,
+                    init_scale=(2 * cfg.num_layers) ** -0.5, name="o")(out)
+        return checkpoint_name(out, "out_proj"), cache
 
 
 class Mlp(nn.Module):
@@ -111,11 +121,12 @@ class Mlp(nn.Module):
         up = Dense(cfg, (e,), (m,), ("embed",), ("mlp",), cfg.mlp_bias, name="up")(x)
         if cfg.gated_mlp:
             gate = Dense(cfg, (e,), (m,), ("embed",), ("mlp",), cfg.mlp_bias, name="gate")(x)
-            hidden = activation(cfg.activation, gate) * up
+            hidden = activation(cfg.activation, checkpoint_name(gate, "mlpwi_0")) * checkpoint_name(up, "mlpwi_1")
         else:
-            hidden = activation(cfg.activation, up)
-        return Dense(cfg, (m,), (e,), ("mlp",), ("embed",), cfg.mlp_bias,
+            hidden = activation(cfg.activation, checkpoint_name(up, "mlpwi"))
+        down = Dense(cfg, (m,), (e,), ("mlp",), ("embed",), cfg.mlp_bias,
                      init_scale=(2 * cfg.num_layers) ** -0.5, name="down")(hidden)
+        return checkpoint_name(down, "mlpwo")
 
 
 class Block(nn.Module):
@@ -125,11 +136,12 @@ class Block(nn.Module):
     layer_idx: int
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array, bias: Array | None, cache: Cache | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, Cache | None]:
+    def __call__(self, x: Array, positions: Array, mask: Array | None, bias: Array | None, segment_ids: Array,
+                 cache: Cache | None = None, cache_index: Array | None = None) -> tuple[Array, Cache | None]:
         cfg = self.cfg
         h = Norm(cfg, name="attn_norm")(x)
-        a, cache = Attention(cfg, self.layer_idx, name="attn")(h, positions, mask, bias, cache, cache_index)
+        a, cache = Attention(cfg, self.layer_idx, name="attn")(h, positions, mask, bias, segment_ids, cache,
+                                                               cache_index)
         if cfg.post_norms:
             a = Norm(cfg, name="attn_post_norm")(a)
         x = (h if cfg.residual_from_norm else x) + a
@@ -170,8 +182,12 @@ class Transformer(nn.Module):
         x = constrain(x, RESIDUAL_AXES)
         windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
         if cache is None:
+            # The kernel for this platform (a ClpError line when it cannot run); init only needs the shapes.
+            platform = "cpu" if self.is_initializing() else attention.current_platform()
+            cfg = attention.resolve(cfg.replace(attention="xla") if self.is_initializing() else cfg, platform)
             key_positions = positions
-            masks = {w: attention_mask(segment_ids, positions, w) for w in dict.fromkeys(windows)}
+            dense = cfg.attention != "splash"
+            masks = {w: attention_mask(segment_ids, positions, w) if dense else None for w in dict.fromkeys(windows)}
         else:
             written = jnp.where(segment_ids != 0, positions, -1).astype(jnp.int32)
             key_positions = jax.lax.dynamic_update_slice(cache["positions"], written, (0, cache_index))
@@ -180,12 +196,12 @@ class Transformer(nn.Module):
         if cfg.position == "alibi":
             slopes = jnp.asarray(alibi_slopes(cfg.num_heads))
             bias = slopes[None, :, None, None] * key_positions[:, None, None, :].astype(jnp.float32)
-        block = nn.remat(Block) if cfg.remat and cache is None else Block
+        block = Block if cfg.remat == "none" or cache is not None else nn.remat(Block, policy=remat_policy(cfg.remat))
         layer_caches = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, layer_cache = block(cfg, i, name=f"layers_{i}")(x, positions, masks[windows[i]], bias, layer_cache,
-                                                               cache_index)
+            x, layer_cache = block(cfg, i, name=f"layers_{i}")(x, positions, masks[windows[i]], bias, segment_ids,
+                                                               layer_cache, cache_index)
             x = constrain(x, RESIDUAL_AXES)
             layer_caches.append(layer_cache)
         if last_only:
@@ -203,6 +219,26 @@ class Transformer(nn.Module):
         if cache is None:
             return out
         return out, {"positions": key_positions, "layers": layer_caches}
+
+
+# What each remat policy keeps (MaxText's meanings); "full" keeps nothing, "none" is no remat at all.
+_PROJECTIONS = ("query_proj", "key_proj", "value_proj")
+_MLP_IN = ("mlpwi", "mlpwi_0", "mlpwi_1")
+REMAT_SAVES: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "minimal": (*_PROJECTIONS, "out_proj", *_MLP_IN, "mlpwo"),
+    "minimal_with_context": (*_PROJECTIONS, attention.CONTEXT, "out_proj", *_MLP_IN, "mlpwo"),
+    "save_dot_with_context_except_mlp": (*_PROJECTIONS, attention.CONTEXT, "out_proj"),
+    "save_dot_except_mlpwi": (*_PROJECTIONS, "out_proj", "mlpwo"),
+    "save_dot_except_mlp": (*_PROJECTIONS, "out_proj"),
+    "save_qkv_proj": _PROJECTIONS,
+}
+
+
+def remat_policy(name: str) -> Callable[..., bool]:
+    """The ``jax.checkpoint`` policy of remat policy ``name``: save only the intermediates it names."""
+    saves = REMAT_SAVES[name]
+    return jax.checkpoint_policies.save_only_these_names(*saves) if saves else jax.checkpoint_policies.nothing_saveable
 
 
 class _Embed(nn.Module):

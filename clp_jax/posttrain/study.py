@@ -33,7 +33,12 @@ from clp_jax.train.optimizer import OptimizerConfig
 
 class StudyModel(ConfigModel):
     name: str
-    init: str  # HF dir
+    init: str  # HF dir; "~" is expanded
+
+    @pydantic.field_validator("init")
+    @classmethod
+    def _expand_user(cls, path: str) -> str:
+        return os.path.expanduser(path)
 
 
 class JsonlTask(ConfigModel):
@@ -52,6 +57,14 @@ class StudyTrain(ConfigModel):
     batch_size: int = pydantic.Field(16, ge=1)
     seq_len: int = pydantic.Field(64, ge=8)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    pack: bool = False  # several examples per row (data.pack_sft): fewer padded tokens per step
+    export: bool = False  # keep each cell's fine-tuned model as an HF dir (cells/<id>/run/hf/final)
+
+    @pydantic.model_validator(mode="after")
+    def _warmup_before_end(self) -> StudyTrain:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        return self
     mesh: MeshConfig = MeshConfig()
 
 
@@ -215,13 +228,14 @@ def cell_train_config(cfg: StudyConfig, cell: Cell, sources: list[SourceConfig],
     t = cfg.train
     counts = {s.name: sum(1 for _ in open(s.path, encoding="utf-8")) for s in sources}
     data = DataConfig(sources=sources, mode="sft", seq_len=t.seq_len, batch_size=t.batch_size, seed=cfg.seed,
+                      pack_sft=t.pack,
                       eval_documents=0, mixture={"kind": "explicit", "weights": counts})
     return TrainConfig(run_dir=run_dir, model=ModelSection(init=model.init, dtype=t.dtype), data=data,
                        optimizer=OptimizerConfig(learning_rate=t.learning_rate, warmup_steps=t.warmup_steps,
                                                  total_steps=t.steps, max_grad_norm=1.0),
                        steps=t.steps, mesh=t.mesh, eval=EvalSection(every_steps=t.steps),
                        checkpoint={"every_steps": t.steps, "keep": 1}, log_every_steps=max(1, t.steps // 10),
-                       tensorboard=False)
+                       tensorboard=False, export_final=t.export)
 
 
 def result_rows(results: list[dict]) -> Iterator[dict[str, Any]]:

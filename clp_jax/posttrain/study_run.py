@@ -5,7 +5,8 @@ Layout of ``run_dir``::
 
     config.yaml                          the resolved study config of the latest run
     cells/<id>/result.json               the cell's scores, the hash of the config they came from and that config
-    cells/<id>/data/, cells/<id>/run/    the cell's training JSONL files and the Trainer's run dir
+    cells/<id>/data/, cells/<id>/run/    the cell's training JSONL files and the Trainer's run dir (its checkpoints
+                                         are deleted once the cell is scored; ``train.export`` keeps its HF model)
     results.csv, results.json, metric_vs_n.png, seen_unseen_gap.png, transfer_matrix.png
 
 A cell's config holds its model dir, its grid coordinates, the settings it trains and is evaluated with and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -59,7 +61,7 @@ def cell_config(cfg: study.StudyConfig, cell: study.Cell, train_files: list[str]
             "train_languages": list(cell.train_languages), "task_defs": tasks,
             "english": cfg.english, "english_budget": cfg.english_budget, "seed": cfg.seed,
             "eval_languages": sorted({lang for _, lang in sets}),
-            "train": {k: v for k, v in config_to_dict(cfg.train).items() if k != "mesh"},
+            "train": {k: v for k, v in config_to_dict(cfg.train).items() if k not in ("mesh", "export")},
             "eval": {k: v for k, v in config_to_dict(cfg.eval).items() if k != "metric"},
             "train_data": _files_hash(train_files), "eval_sets": part_key(cell_sets)}
 
@@ -82,6 +84,7 @@ def _train_and_evaluate(cfg: study.StudyConfig, cell: study.Cell, cell_dir: str,
                                seq_len=cfg.train.seq_len)
     for row in scores:
         row["seen"] = row["language"] in cell.train_languages
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)  # only a preempted cell resumes
     return {"cell": cell.id, "model": cell.model, "design": cell.design, "tasks": list(cell.tasks), "n": cell.n,
             "train_languages": list(cell.train_languages), "train_loss": summary.get("loss"), "scores": scores}
 

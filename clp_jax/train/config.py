@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from clp_jax.config import ConfigModel
 from clp_jax.data.pipeline import DataConfig
 from clp_jax.hf.reader import read_config
-from clp_jax.models.config import NUMERICS_FIELDS, TransformerConfig
+from clp_jax.models.config import ATTENTION_IMPLEMENTATIONS, NUMERICS_FIELDS, REMAT_POLICIES, TransformerConfig
 from clp_jax.sharding import MeshConfig
 from clp_jax.train.checkpoint import CheckpointConfig
 from clp_jax.train.optimizer import OptimizerConfig
@@ -21,9 +21,18 @@ class ModelSection(ConfigModel):
     init: str
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights (and optimizer state)
-    remat: bool = False
+    # What the backward pass keeps of each layer (MaxText's policy names); true = full, false = none.
+    remat: Literal[REMAT_POLICIES] = "none"  # type: ignore[valid-type]
     # Positions whose [rows, chunk, vocab] float32 logits exist at once in the loss (None: the whole sequence).
     logits_chunk: int | None = Field(None, ge=1)
+    # auto: splash on TPU, cudnn on NVIDIA GPUs where the model allows, else xla (models.attention).
+    attention: Literal[ATTENTION_IMPLEMENTATIONS] = "auto"  # type: ignore[valid-type]
+
+    @field_validator("remat", mode="before")
+    @classmethod
+    def _remat_bool(cls, value: Any) -> Any:
+        """``remat: true/false`` (older configs) mean the full and no remat policies."""
+        return {True: "full", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvalSection(ConfigModel):

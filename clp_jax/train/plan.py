@@ -6,6 +6,8 @@ TPU attached. The run's mesh is laid over them, the train step is lowered with t
 analysis gives the per-chip footprint. Parameters and optimizer state per chip are counted from the shards'
 shapes; activations and other temporaries are XLA's temp buffers. FLOPs per step come from ``train_step_flops``
 (the MFU convention) and from XLA's cost analysis; tokens/s at an MFU is ``mfu * chips * peak / flops_per_token``.
+``plan_search`` compiles candidate attention implementations x remat policies (x logits chunks) and picks the one
+with the fewest XLA FLOPs (recomputation included) that fits with the asked headroom.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -26,6 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 from clp_jax.chips import CHIPS as ALL_CHIPS
 from clp_jax.chips import GIB, TPU_GENERATIONS, Chip, host_has_tpu, libtpu_installed
 from clp_jax.errors import ClpError
+from clp_jax.models import attention
+from clp_jax.models.transformer import REMAT_SAVES
 from clp_jax.sharding import batch_sharding, make_mesh
 from clp_jax.train.config import TrainConfig, model_config
 from clp_jax.train.flops import train_step_flops
@@ -70,22 +74,42 @@ class PlanReport:
     tokens_per_s: float  # at `mfu`
     step_seconds: float  # at `mfu`
     compile_seconds: float
+    # Splash kernels' matmul FLOPs (``attention.splash_train_flops``), which XLA's cost analysis cannot see into
+    kernel_flops_per_step: float = 0.0
+    attention: str = "xla"  # the implementation the step was compiled with (what auto meant here)
+    remat: str = "none"
+    logits_chunk: int | None = None
     xla_error: str | None = None  # XLA's out-of-memory message when the program cannot be laid out in HBM
+
+    @property
+    def step_flops(self) -> float | None:
+        """FLOPs the compiled step runs, recomputation included: XLA's count plus the kernels' it cannot see."""
+        return None if self.xla_flops_per_step is None else self.xla_flops_per_step + self.kernel_flops_per_step
+
+    @property
+    def peak_step_seconds(self) -> float | None:
+        """Seconds per step if every chip ran ``step_flops`` at its bf16 peak."""
+        return None if self.step_flops is None else self.step_flops / (self.chips * self.peak_flops_per_chip)
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out.update(total_gib=self.total_bytes / GIB, hbm_gib=self.hbm_bytes / GIB)
+        out.update(total_gib=self.total_bytes / GIB, hbm_gib=self.hbm_bytes / GIB, step_flops=self.step_flops,
+                   peak_step_seconds=self.peak_step_seconds)
         return out
 
     def format_table(self) -> str:
         """A readable summary, one quantity per line."""
         gib = lambda b: f"{b / GIB:9.2f} GiB"  # noqa: E731
         xla = "n/a" if self.xla_flops_per_step is None else f"{self.xla_flops_per_step:.4g}"
+        if self.kernel_flops_per_step:
+            xla += f" + {self.kernel_flops_per_step:.4g} in Splash kernels"
+        peak = "n/a" if self.peak_step_seconds is None else f"{self.peak_step_seconds:.3g} s"
         verdict = (f"FITS with {self.headroom_bytes / GIB:.2f} GiB headroom" if self.fits
                    else f"DOES NOT FIT: {-self.headroom_bytes / GIB:.2f} GiB over")
         lines = [
             f"topology          {self.topology}: {self.chips} x {self.device_kind}, mesh "
             + " ".join(f"{k}={v}" for k, v in self.mesh.items()),
+            f"model             attention={self.attention} remat={self.remat} logits_chunk={self.logits_chunk}",
             "per chip:",
             f"  parameters      {gib(self.param_bytes)}",
             f"  optimizer state {gib(self.opt_state_bytes)}",
@@ -94,7 +118,8 @@ class PlanReport:
             f"  program         {gib(self.code_bytes)}",
             f"  total           {gib(self.total_bytes)}  of {self.hbm_bytes / GIB:.2f} GiB HBM: {verdict}",
             f"tokens per step   {self.tokens_per_step:,}",
-            f"FLOPs per step    {self.flops_per_step:.4g} (model), {xla} (XLA, with recomputation)",
+            f"FLOPs per step    {self.flops_per_step:.4g} (model), {xla} (XLA, with recomputation; {peak} per "
+            "step at peak)",
             f"at MFU {self.mfu:.0%}        {self.tokens_per_s:,.0f} tokens/s, {self.step_seconds:.3g} s/step "
             f"({self.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16 peak per chip)",
             f"compile           {self.compile_seconds:.1f} s",
@@ -210,6 +235,7 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
     except ClpError as e:
         raise ClpError(f"{topology} has {len(devices)} chips: {e}") from None
     model_cfg, _ = model_config(cfg)
+    model_cfg = attention.resolve(model_cfg, devices[0].platform)
     seq_len, rows = cfg.data.seq_len, cfg.data.batch_size
     if model_cfg.position == "learned" and seq_len > model_cfg.max_position_embeddings:
         raise ClpError(f"{cfg.model.init}: data.seq_len {seq_len} exceeds the model's "
@@ -223,6 +249,10 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
     compile_seconds = time.perf_counter() - start
     tokens = rows * seq_len
     flops = train_step_flops(model_cfg, tokens, seq_len)
+    kernel_flops = 0.0
+    if model_cfg.attention == "splash":
+        recomputed = model_cfg.remat != "none" and attention.CONTEXT not in REMAT_SAVES[model_cfg.remat]
+        kernel_flops = attention.splash_train_flops(model_cfg, rows, seq_len, recomputed)
     tokens_per_s = mfu * len(devices) * chip.peak_flops * tokens / flops
     return PlanReport(
         topology=topology, device_kind=devices[0].device_kind, chips=len(devices), mesh=dict(mesh.shape),
@@ -233,4 +263,69 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
         tokens_per_step=tokens, flops_per_step=flops,
         xla_flops_per_step=None if xla["flops"] is None else xla["flops"] * len(devices) * cfg.grad_accum_steps,
         mfu=mfu, peak_flops_per_chip=chip.peak_flops, tokens_per_s=tokens_per_s, step_seconds=tokens / tokens_per_s,
-        compile_seconds=compile_seconds, xla_error=xla["error"])
+        compile_seconds=compile_seconds, kernel_flops_per_step=kernel_flops, attention=model_cfg.attention,
+        remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk, xla_error=xla["error"])
+
+
+# The remat policies a search tries by default, from the most saved (fewest FLOPs) to the least.
+SEARCH_REMAT = ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full")
+
+
+@dataclasses.dataclass
+class SearchReport:
+    """Every candidate ``plan_search`` compiled, and the one it chose (None: nothing fits with the headroom)."""
+
+    candidates: list[PlanReport]
+    best: PlanReport | None
+    min_headroom_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"candidates": [c.as_dict() for c in self.candidates], "min_headroom_bytes": self.min_headroom_bytes,
+                "best": None if self.best is None else self.best.as_dict()}
+
+    def format_table(self) -> str:
+        """One line per candidate; the chosen one marked with ``*``."""
+        lines = [f"{'':2}{'attention':10}{'remat':34}{'chunk':>6}{'total GiB':>11}{'temp GiB':>10}{'XLA FLOPs':>12}"
+                 f"{'s/step@peak':>13}  fits"]
+        for c in self.candidates:
+            mark = "*" if c is self.best else " "
+            flops = "n/a" if c.step_flops is None else f"{c.step_flops:.4g}"
+            peak = "n/a" if c.peak_step_seconds is None else f"{c.peak_step_seconds:.4g}"
+            fits = "yes" if c.fits and c.headroom_bytes >= self.min_headroom_bytes else "no" if not c.fits else "tight"
+            lines.append(f"{mark} {c.attention:10}{c.remat:34}{c.logits_chunk or '-':>6}{c.total_bytes / GIB:11.2f}"
+                         f"{c.temp_bytes / GIB:10.2f}{flops:>12}{peak:>13}  {fits}")
+        lines.append("chosen: " + ("none fits with %.2f GiB headroom" % (self.min_headroom_bytes / GIB)
+                                   if self.best is None else
+                                   f"model.attention={self.best.attention} model.remat={self.best.remat} "
+                                   f"model.logits_chunk={self.best.logits_chunk or 'null'}"))
+        return "\n".join(lines)
+
+
+def search_candidates(cfg: TrainConfig, platform: str, attentions: Sequence[str] | None = None,
+                      remats: Sequence[str] = SEARCH_REMAT,
+                      logits_chunks: Sequence[int | None] | None = None) -> list[tuple[str, str, int | None]]:
+    """(attention, remat, logits_chunk) triples to compile; by default every kernel the model allows on
+    ``platform`` (xla and the platform's, unless it cannot serve the model) and the config's logits chunk."""
+    if attentions is None:
+        model_cfg, _ = model_config(cfg)
+        kernel = attention.resolve(model_cfg.replace(attention="auto"), platform).attention
+        attentions = tuple(dict.fromkeys(("xla", kernel)))
+    chunks = (cfg.model.logits_chunk,) if logits_chunks is None else tuple(logits_chunks)
+    return [(a, r, c) for a in attentions for r in remats for c in chunks]
+
+
+def plan_search(cfg: TrainConfig, topology: str, mfu: float = 0.4, min_headroom_gib: float = 1.0,
+                attentions: Sequence[str] | None = None, remats: Sequence[str] = SEARCH_REMAT,
+                logits_chunks: Sequence[int | None] | None = None) -> SearchReport:
+    """Plan every candidate; choose the fewest ``step_flops`` (XLA's and the kernels') that fits with
+    ``min_headroom_gib`` to spare."""
+    parse_topology(topology)  # a bad name fails before the first compile
+    reports = []
+    for attn, remat, chunk in search_candidates(cfg, "tpu", attentions, remats, logits_chunks):
+        candidate = cfg.model_copy(deep=True)
+        candidate.model.attention, candidate.model.remat, candidate.model.logits_chunk = attn, remat, chunk
+        reports.append(plan(candidate, topology, mfu))
+    need = int(min_headroom_gib * GIB)
+    fitting = [r for r in reports if r.fits and r.headroom_bytes >= need and r.xla_flops_per_step is not None]
+    best = min(fitting, key=lambda r: (r.step_flops, -r.headroom_bytes), default=None)
+    return SearchReport(candidates=reports, best=best, min_headroom_bytes=need)
