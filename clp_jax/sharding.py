@@ -74,14 +74,22 @@ def make_mesh(
 
 def logical_to_spec(
     logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-    rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXIS_RULES,
+    rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXIS_RULES, first: int | None = None,
 ) -> PartitionSpec:
-    """PartitionSpec for an array of ``shape`` whose dimensions carry ``logical_axes``."""
+    """PartitionSpec for an array of ``shape`` whose dimensions carry ``logical_axes``.
+
+    Dimensions claim their mesh axes left to right; ``first`` names a dimension that claims before the others
+    (the loss puts the vocabulary first, so logits split like the output layer they come from).
+    """
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+    order = list(range(len(shape)))
+    if first is not None:
+        order.insert(0, order.pop(first % len(shape)))
     used: set[str] = set()
-    spec: list[Any] = []
-    for name, dim in zip(logical_axes, shape):
+    spec: list[Any] = [None] * len(shape)
+    for i in order:
+        name, dim = logical_axes[i], shape[i]
         if name is not None and name not in rules:
             raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
         chosen: list[str] = []
@@ -93,7 +101,7 @@ def logical_to_spec(
             chosen.append(axis)
             size *= n
         used.update(chosen)
-        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+        spec[i] = None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen)
     return PartitionSpec(*spec)
 
 
@@ -102,7 +110,7 @@ def named_sharding(logical_axes: Sequence[str | None], shape: Sequence[int], mes
     return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], first: int | None = None) -> jax.Array:
     """Pin an intermediate's sharding by the rules table, under ``jax.sharding.use_abstract_mesh``; else ``x``.
 
     Train and eval steps trace under their mesh, so activations keep the batch sharding XLA might otherwise
@@ -111,7 +119,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh, first=first))
 
 
 def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh) -> Any:

@@ -1,4 +1,4 @@
-"""Attention's hand-written VJP against float64 PyTorch autograd of the textbook formula; norms against HF's."""
+"""Attention's, LayerNorm's and GELU's hand-written VJPs against float64 PyTorch autograd; RMSNorms against HF's."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from clp_jax.models.config import TransformerConfig
-from clp_jax.models.layers import Norm, alibi_slopes, attention_mask, dot_product_attention
+from clp_jax.models.layers import Norm, activation, alibi_slopes, attention_mask, dot_product_attention
 
 
 def torch_attention(q, k, v, bias, scale, softcap=None):
@@ -104,3 +104,39 @@ def test_rmsnorms_match_transformers_in_bfloat16(kind):
     got = Norm(cfg).apply({"params": {"scale": weight}}, jnp.asarray(x.float().numpy(), jnp.bfloat16))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got, np.float32), want)
+
+
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_layernorm_value_and_grads_match_float64_autograd(norm_bias):
+    """LayerNorm's hand-written VJP: x, scale and bias gradients against torch's layer_norm in float64."""
+    cfg = TransformerConfig(arch="gpt2", vocab_size=8, hidden_size=48, num_layers=1, num_heads=1, num_kv_heads=1,
+                            head_dim=48, intermediate_size=8, norm="layernorm", norm_eps=1e-5, activation="gelu_tanh",
+                            gated_mlp=False, position="learned", norm_bias=norm_bias)
+    rng = np.random.default_rng(0)
+    x, dy = (rng.standard_normal((3, 5, 48)) * 2 + 1 for _ in range(2))
+    params = {"scale": rng.standard_normal(48) * 0.5 + 1, **({"bias": rng.standard_normal(48)} if norm_bias else {})}
+    out, vjp = jax.vjp(lambda x, p: Norm(cfg).apply({"params": p}, x), jnp.asarray(x, jnp.float32),
+                       jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
+    dx, dp = vjp(jnp.asarray(dy, jnp.float32))
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(params["scale"], requires_grad=True)
+    tb = torch.tensor(params["bias"], requires_grad=True) if norm_bias else None
+    ref = torch.nn.functional.layer_norm(tx, (48,), tw, tb, eps=1e-5)
+    ref.backward(torch.tensor(dy))
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy(), atol=5e-5)
+    np.testing.assert_allclose(np.asarray(dp["scale"]), tw.grad.numpy(), rtol=1e-5, atol=5e-5)
+    if norm_bias:
+        np.testing.assert_allclose(np.asarray(dp["bias"]), tb.grad.numpy(), rtol=1e-5, atol=5e-5)
+
+
+def test_gelu_tanh_grad_matches_float64_autograd():
+    """The tanh GELU's hand-written VJP against torch's gelu(approximate="tanh") in float64, tails included."""
+    x = np.linspace(-8, 8, 1001)
+    dy = np.random.default_rng(0).standard_normal(x.shape)
+    out, vjp = jax.vjp(lambda v: activation("gelu_tanh", v), jnp.asarray(x, jnp.float32))
+    (dx,) = vjp(jnp.asarray(dy, jnp.float32))
+    tx = torch.tensor(x, requires_grad=True)
+    ref = torch.nn.functional.gelu(tx, approximate="tanh")
+    ref.backward(torch.tensor(dy))
+    np.testing.assert_allclose(np.asarray(out), ref.detach().numpy(), atol=1e-5)  # float32 1 + tanh in the tails
+    np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,16 @@
-"""Every benchmark and check script under scripts/ still imports and explains itself (`--help`)."""
+"""Every benchmark and check script under scripts/ still imports and explains itself (`--help`); bench_train runs."""
 
+import json
 import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
+
+from clp_jax import models
+from clp_jax.hf.reader import read_config
+from clp_jax.models.config import TransformerConfig
 
 SCRIPTS = sorted(p.name for p in (pathlib.Path(__file__).parents[1] / "scripts").glob("*.py"))
 
@@ -15,3 +21,46 @@ def test_script_help_runs(script):
     done = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+def run_bench_train(*args: str) -> dict:
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "bench_train.py"
+    done = subprocess.run([sys.executable, str(path), *args, "--steps", "1", "--rounds", "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bench_train_cpu_comparison_runs_on_tiny_shapes(tmp_path):
+    out = run_bench_train("--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "16",
+                          "--batch", "2", "--profile", str(tmp_path))
+    cfg = TransformerConfig(arch="gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                            head_dim=16, intermediate_size=128, norm="layernorm", norm_eps=1e-5,
+                            activation="gelu_tanh", gated_mlp=False, position="learned", max_position_embeddings=16,
+                            qkv_bias=True, out_bias=True, mlp_bias=True)
+    # Tied GPT-2, 1 layer: the 6 * N * tokens term plus 12 * L * d_model * seq * tokens, counted from the weights.
+    n = sum(x.size for x in jax.tree.leaves(models.init_params(cfg, jax.random.key(0)))) - 16 * 32
+    assert out["step_gflop"] == pytest.approx((6 * n * 32 + 12 * 32 * 16 * 32) / 1e9, abs=1e-4)
+    assert out["tokens_per_s"] > 0 and out["pytorch_tokens_per_s"] > 0
+    assert out["floor_fraction"] == pytest.approx(out["tokens_per_s"] / out["matmul_floor_tokens_per_s"], rel=1e-2)
+    # The trace's thunks are told apart: the dots, and the attention, loss and optimizer elementwise work.
+    assert {"matmuls", "attention", "norms+residual", "loss", "optimizer+other"} <= set(out["profile_ms"])
+
+
+def test_bench_train_gpu_path_runs_tiny_on_cpu():
+    out = run_bench_train("--backend", "gpu", "--tiny", "--attention", "xla", "cudnn")
+    cfg = read_config(str(pathlib.Path(__file__).parents[1] / "configs" / "arch" / "llama-3.2-1b"))
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.vocab_size) == (16, 2048, 8, 128256)
+    tiny = cfg.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                       vocab_size=256)
+    assert out["params"] == sum(x.size for x in jax.tree.leaves(models.init_params(tiny, jax.random.key(0))))
+    xla = out["attention"]["xla"]
+    assert xla["tokens_per_s"] == pytest.approx(out["batch"] * out["seq_len"] / xla["step_s"], rel=2e-2)
+    assert xla["mfu"] is None  # a CPU has no vendor peak
+    assert "runs on GPUs" in out["attention"]["cudnn"]["error"]  # reported, and the other implementation still ran
+
+
+def test_bench_train_gpu_backend_without_gpu_says_so():
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "bench_train.py"
+    done = subprocess.run([sys.executable, str(path), "--backend", "gpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "JAX sees no GPU" in done.stderr

@@ -71,3 +71,14 @@ def test_train_step_pins_the_residual_stream_to_the_batch_axes(monkeypatch):
     for shape, want, got_in, got_out in zip(shapes, wanted, ins, outs):
         assert got_out.is_equivalent_to(want, shape.ndim)
         assert got_in is None or got_in.is_equivalent_to(want, shape.ndim)
+
+
+def test_a_dimension_can_claim_mesh_axes_first():
+    """The loss's logits: vocab claims fsdp before the batch does, so they split like the output layer's rows."""
+    from clp_jax.sharding import logical_to_spec
+
+    mesh = make_mesh(2, 4, 1, devices=jax.devices())
+    axes, shape = ("batch", "length", "vocab"), (8, 4, 64)
+    assert logical_to_spec(axes, shape, mesh) == PartitionSpec(("data", "fsdp"), None, None)
+    assert logical_to_spec(axes, shape, mesh, first=2) == PartitionSpec("data", None, "fsdp")
+    assert logical_to_spec(axes, (8, 4, 66), mesh, first=2) == PartitionSpec(("data", "fsdp"), None, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -41,12 +42,40 @@ class Norm(nn.Module):
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
             # HF casts back to the input dtype before applying the weight.
             return scale.astype(cfg.compute_dtype) * h.astype(cfg.compute_dtype)
-        mean = jnp.mean(h, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
-        h = (h - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale.astype(jnp.float32)
-        if cfg.norm_bias:
-            h = h + param(self, "bias", nn.initializers.zeros, (e,), ("norm",), cfg.weight_dtype).astype(jnp.float32)
-        return h.astype(cfg.compute_dtype)
+        bias = param(self, "bias", nn.initializers.zeros, (e,), ("norm",), cfg.weight_dtype) if cfg.norm_bias else None
+        return _layer_norm(x, scale, bias, cfg.norm_eps, cfg.compute_dtype)
+
+
+# LayerNorm with a hand-written VJP: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dy * scale, two
+# row sums and one elementwise pass, where XLA's derivative of the forward graph makes several more passes.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x: Array, scale: Array, bias: Array | None, eps: float, dtype: Any) -> Array:
+    return _layer_norm_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _layer_norm_fwd(x: Array, scale: Array, bias: Array | None, eps: float, dtype: Any) -> tuple:
+    h = x.astype(jnp.float32)
+    mean = jnp.mean(h, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True) + eps)
+    y = (h - mean) * rstd * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps: float, dtype: Any, res: tuple, dy: Array) -> tuple:
+    x, mean, rstd, scale, bias = res
+    dy = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = dy * scale.astype(jnp.float32)
+    dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    rows = tuple(range(dy.ndim - 1))
+    dscale = jnp.sum(dy * xhat, axis=rows).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(dy, axis=rows).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def rope_inv_freq(d: int, theta: float, rope_scaling: tuple[tuple[str, Any], ...] | None) -> np.ndarray:
@@ -126,53 +155,68 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, bias: Array
     return _attention(q, k, v, mask, bias, scale, softcap)
 
 
-def _heads_major(x: Array, kv: int) -> Array:
-    """[B, T, H, D] -> [B, KV, G, T, D] with head h = kv * G + g, as Hugging Face groups them."""
+# Layout: the G query heads sharing a k/v head are stacked as rows, [B, KV, G * T, D], so every product is a
+# 4-D batched matmul whose operands XLA:CPU can read in place; where one operand must be transposed, each
+# einsum below puts that transpose on a [T, D] operand, never on the [T, S] scores.
+
+def _rows_major(x: Array, kv: int) -> Array:
+    """[B, T, H, D] -> [B, KV, G * T, D], row g * T + t holding head kv * G + g (Hugging Face's grouping)."""
     b, t, h, d = x.shape
-    return x.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    return x.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, h // kv * t, d)
 
 
-def _grouped(x: Array, kv: int) -> Array:
-    """A [B, 1|H, T|1, S] mask or bias -> [B, 1|KV, 1|G, T|1, S], broadcasting against grouped scores."""
-    b, h, t, s = x.shape
-    return x[:, :, None] if h == 1 else x.reshape(b, kv, h // kv, t, s)
+def _heads_last(x: Array, t: int) -> Array:
+    """The inverse of ``_rows_major``: [B, KV, G * T, D] -> [B, T, H, D]."""
+    b, kv, r, d = x.shape
+    return x.reshape(b, kv, r // t, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, kv * (r // t), d)
+
+
+def _grouped(x: Array, kv: int, g: int, t: int) -> Array:
+    """A [B, 1|H, 1|T, S] mask or bias, broadcasting against grouped [B, KV, G * T, S] scores."""
+    if g == 1:
+        return x
+    b, h, tx, s = x.shape
+    x = x[:, :, None] if h == 1 else x.reshape(b, kv, g, tx, s)
+    return jnp.broadcast_to(x, (b, x.shape[1], g, t, s)).reshape(b, x.shape[1], g * t, s)
 
 
 def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, scale: float,
                    softcap: float | None) -> tuple:
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    qh, kh, vh = _heads_major(q, kv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", qh, kh, preferred_element_type=jnp.float32) * scale
+    t, h, kv = q.shape[1], q.shape[2], k.shape[2]
+    # The scale goes on q ([T, D]) rather than on the [T, S] scores; dK then comes straight from scaled q.
+    qh = _rows_major((q.astype(jnp.float32) * scale).astype(q.dtype), kv)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkrd,bksd->bkrs", qh, kh, preferred_element_type=jnp.float32)
     capped = None
     if softcap is not None:
         capped = jnp.tanh(scores / softcap)
         scores = capped * softcap
     if bias is not None:
-        scores = scores + _grouped(bias, kv)
-    mask = _grouped(mask, kv)
+        scores = scores + _grouped(bias, kv, h // kv, t)
+    mask = _grouped(mask, kv, h // kv, t)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     out = out.astype(v.dtype)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d), (qh, kh, vh, mask, probs, out, capped)
+    return _heads_last(out, t), (qh, kh, vh, mask, probs, out, capped)
 
 
 def _attention_bwd(scale: float, softcap: float | None, res: tuple, d_out: Array) -> tuple:
     qh, kh, vh, mask, probs, out, capped = res
-    b, kv, g, t, d = qh.shape
-    do = _heads_major(d_out, kv)
-    dv = jnp.einsum("bkgts,bkgtd->bskd", probs.astype(vh.dtype), do, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bkgtd,bksd->bkgts", do, vh, preferred_element_type=jnp.float32)
+    kv, t = kh.shape[1], d_out.shape[1]
+    do = _rows_major(d_out, kv)
+    p = probs.astype(vh.dtype)
+    dv = jnp.einsum("bkrd,bkrs->bskd", do, p, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("bkrd,bksd->bkrs", do, vh, preferred_element_type=jnp.float32)
     rowsum = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     ds = probs * (dp - rowsum)
     if capped is not None:  # d/dx c * tanh(x / c) = 1 - tanh(x / c)^2
         ds = ds * (1.0 - capped * capped)
-    ds = jnp.where(mask, ds * scale, 0.0).astype(qh.dtype)
-    dq = jnp.einsum("bkgts,bksd->btkgd", ds, kh, preferred_element_type=jnp.float32).reshape(b, t, kv * g, d)
-    dk = jnp.einsum("bkgts,bkgtd->bskd", ds, qh, preferred_element_type=jnp.float32)
-    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+    ds = jnp.where(mask, ds, 0.0).astype(qh.dtype)
+    dq = jnp.einsum("bkrs,bksd->bkrd", ds, kh, preferred_element_type=jnp.float32) * scale
+    dk = jnp.einsum("bkrd,bkrs->bskd", qh, ds, preferred_element_type=jnp.float32)
+    return (_heads_last(dq, t).astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None)
 
 
 _attention = jax.custom_vjp(
@@ -189,7 +233,7 @@ def softcap(x: Array, cap: float | None) -> Array:
 def activation(name: str, x: Array) -> Array:
     """The MLP nonlinearity named in the config."""
     if name == "gelu_tanh":
-        return jax.nn.gelu(x, approximate=True)
+        return _gelu_tanh(x)
     if name == "gelu":
         return jax.nn.gelu(x, approximate=False)
     if name == "silu":
@@ -197,3 +241,22 @@ def activation(name: str, x: Array) -> Array:
     if name == "relu":
         return jax.nn.relu(x)
     raise ValueError(f"unknown activation {name!r}")
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def _gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation; its VJP is one elementwise pass (XLA's derivative of the graph makes two)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_bwd(x: Array, dy: Array) -> tuple[Array]:
+    h = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (h + 0.044715 * h * h * h))
+    d = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * h * h)
+    return ((dy.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+_gelu_tanh.defvjp(lambda x: (_gelu_tanh(x), x), _gelu_tanh_bwd)

@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from clp_jax.models import attention
 from clp_jax.models.config import TransformerConfig
+from clp_jax.models.embedding import lookup
 from clp_jax.models.layers import (
     Norm,
     activation,
@@ -255,7 +256,7 @@ class _Embed(nn.Module):
                                cfg.weight_dtype)
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.compute_dtype)
+        return lookup(self.embedding, ids, (self.axis, "embed"), self.cfg.compute_dtype)
 
     def attend(self, x: Array) -> Array:
         return jnp.einsum("bte,ve->btv", x, self.embedding.astype(self.cfg.compute_dtype),

@@ -14,9 +14,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from clp_jax.models.layers import softcap
-from clp_jax.sharding import constrain
+from clp_jax.sharding import constrain, logical_to_spec
 
 Array = jax.Array
 
@@ -64,9 +65,25 @@ def _chunked(chunk: int, *xs: Array) -> tuple[Array, ...]:
     return tuple(_chunks(x, chunk) for x in xs)
 
 
+# The logits split over the vocabulary like the output layer (its vocab dim claims mesh axes first) and the batch
+# over what is left: each device multiplies its rows of the table by the hidden states of its batch group, so
+# neither the whole table nor a whole-table gradient is ever gathered on one device.
+LOGITS_AXES = ("batch", "length", "vocab")
+
+
+def _split_like_logits(h: Array, vocab: int) -> Array:
+    """``h`` [B, c, E] with the batch split of the [B, c, vocab] logits and E whole on each device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return h
+    spec = logical_to_spec(LOGITS_AXES, (*h.shape[:2], vocab), mesh, first=2)
+    return jax.lax.with_sharding_constraint(h, PartitionSpec(spec[0], spec[1], None))
+
+
 def _logits(h: Array, w: Array, vocab_major: bool, cap: float | None) -> Array:
+    h = _split_like_logits(h, w.shape[0] if vocab_major else w.shape[1])
     logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
-    return softcap(constrain(logits, ("batch", "length", "vocab")), cap)
+    return softcap(constrain(logits, LOGITS_AXES, first=2), cap)
 
 
 def _chunk_nll(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
@@ -102,14 +119,16 @@ def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk:
             g = g * (1.0 - jnp.square(logits / cap))
         g = jnp.where((wt != 0)[..., None], g, 0.0).astype(h.dtype)
         dh = jnp.einsum("bcv,ve->bce" if vocab_major else "bcv,ev->bce", g, w, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("bcv,bce->ve" if vocab_major else "bcv,bce->ev", g, h,
-                             preferred_element_type=jnp.float32)
+        # dW is accumulated as [E, vocab] = h^T G: the transpose this product needs falls on h, not on G.
+        dw = dw + jnp.einsum("bce,bcv->ev", h, g, preferred_element_type=jnp.float32)
         # Accumulate dW sharded like the parameter, not replicated (a full float32 copy of a 250k-row table).
-        dw = constrain(dw, ("vocab", "embed") if vocab_major else ("embed", "vocab"))
+        dw = constrain(dw, ("embed", "vocab"), first=1)
         return (total + jnp.sum(nll), dw), constrain(dh.astype(h.dtype), ("batch", "length", "embed"))
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    e_by_v = (w.shape[1], w.shape[0]) if vocab_major else w.shape
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(e_by_v, jnp.float32))
     (total, dw), dh = jax.lax.scan(body, init, _chunked(chunk, hidden, targets, weights))
+    dw = dw.T if vocab_major else dw
     b, t = hidden.shape[:2]
     dh = jnp.moveaxis(dh, 0, 1).reshape(b, -1, hidden.shape[-1])[:, :t]
     return total, (dh, dw.astype(w.dtype))
