@@ -236,3 +236,17 @@ def test_search_chooses_the_fewest_flops_that_fit(tmp_path):
         assert by["splash", remat].step_flops == pytest.approx(by["xla", remat].step_flops, rel=0.05)
     assert found.best is min(found.candidates, key=lambda c: c.step_flops)  # all fit this tiny model
     assert found.best.peak_step_seconds == pytest.approx(found.best.step_flops / (4 * 197e12))
+
+
+def test_a_chunked_loss_counts_every_chunk(tiny, tmp_path):
+    """XLA counts the chunk loop's body once; the plan adds the other chunks' output-layer matmuls back, so the
+    chunked step's FLOPs match the whole-sequence step's (same matmuls, other elementwise work)."""
+    cfg = load_config(TrainConfig, train_yaml(tmp_path / "t.yaml", tiny))
+    cfg.model.attention = "xla"
+    whole = plan(cfg, "v5e:2x2")
+    cfg.model.logits_chunk = 32  # 4 chunks of the 128 positions
+    chunked = plan(cfg, "v5e:2x2")
+    arch = read_config(tiny)
+    assert chunked.kernel_flops_per_step == 3 * 6.0 * 8 * 32 * arch.vocab_size * arch.hidden_size
+    assert chunked.xla_flops_per_step < 0.9 * whole.xla_flops_per_step  # what the plan corrects
+    assert chunked.step_flops == pytest.approx(whole.step_flops, rel=0.02)

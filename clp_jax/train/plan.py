@@ -29,6 +29,7 @@ from clp_jax.chips import CHIPS as ALL_CHIPS
 from clp_jax.chips import GIB, TPU_GENERATIONS, Chip, host_has_tpu, libtpu_installed
 from clp_jax.errors import ClpError
 from clp_jax.models import attention
+from clp_jax.models.config import TransformerConfig
 from clp_jax.models.transformer import REMAT_SAVES
 from clp_jax.sharding import batch_sharding, make_mesh
 from clp_jax.train.config import TrainConfig, model_config
@@ -74,7 +75,8 @@ class PlanReport:
     tokens_per_s: float  # at `mfu`
     step_seconds: float  # at `mfu`
     compile_seconds: float
-    # Splash kernels' matmul FLOPs (``attention.splash_train_flops``), which XLA's cost analysis cannot see into
+    # FLOPs XLA's cost analysis cannot see: Splash kernels' matmuls (``attention.splash_train_flops``) and the
+    # chunked loss's loop iterations after the first (``chunked_loss_flops``)
     kernel_flops_per_step: float = 0.0
     attention: str = "xla"  # the implementation the step was compiled with (what auto meant here)
     remat: str = "none"
@@ -224,6 +226,15 @@ def compile_for_memory(step: Any, state: Any, batch: Any) -> dict[str, Any]:
     return {"total": total, "temp": temp, "code": code, "flops": _xla_flops(compiled), "error": None}
 
 
+def chunked_loss_flops(cfg: TransformerConfig, rows: int, seq_len: int) -> float:
+    """The output layer's matmul FLOPs (logits, d hidden, d table) in every chunk of ``model.logits_chunk`` but
+    the first: the loss loops over chunks, and XLA's cost analysis counts a loop's body once."""
+    if cfg.logits_chunk is None or cfg.logits_chunk >= seq_len:
+        return 0.0
+    n = -(-seq_len // cfg.logits_chunk)
+    return (n - 1) * 6.0 * rows * cfg.logits_chunk * cfg.vocab_size * cfg.hidden_size
+
+
 def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
     """Compile ``cfg``'s train step for ``topology`` (e.g. ``v5e:16x16``) and report its per-chip footprint."""
     if not 0 < mfu <= 1:
@@ -253,6 +264,7 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
     if model_cfg.attention == "splash":
         recomputed = model_cfg.remat != "none" and attention.CONTEXT not in REMAT_SAVES[model_cfg.remat]
         kernel_flops = attention.splash_train_flops(model_cfg, rows, seq_len, recomputed)
+    kernel_flops += chunked_loss_flops(model_cfg, rows, seq_len)  # rows: the whole step, every microbatch
     tokens_per_s = mfu * len(devices) * chip.peak_flops * tokens / flops
     return PlanReport(
         topology=topology, device_kind=devices[0].device_kind, chips=len(devices), mesh=dict(mesh.shape),
