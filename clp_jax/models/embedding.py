@@ -4,7 +4,8 @@
 gradient is a whole-table scatter-add in float32 before the reduce-scatter: for BLOOM's 250,880 x 4,096 table
 that is 3.8 GiB per buffer, several of them at once. Here each device looks up only the ids that fall in its
 rows (zeros elsewhere) for its batch group, and a sum over the vocabulary devices assembles the embeddings; the
-backward pass scatters into the local rows only.
+backward pass scatters into the local rows only. That moves the batch group's activations instead of the
+table, so it is used when they are the smaller (``vocab_parallel``); the train loss makes the same choice.
 """
 
 from __future__ import annotations
@@ -28,11 +29,28 @@ def _entry(names: tuple[str, ...]) -> Any:
     return None if not names else names[0] if len(names) == 1 else names
 
 
+def vocab_parallel(mesh: Any, vocab: int, rows: int, positions: int) -> bool:
+    """Whether splitting work over the table's rows moves less than gathering the table: true when ``mesh`` splits
+    a ``vocab``-row table over some axes and the [rows, positions] activations of one group of devices that
+    share a batch shard (gathered over those axes) hold fewer positions than the table has rows."""
+    if mesh.empty:
+        return False
+    vocab_axes = set(_names(logical_to_spec(("vocab",), (vocab,), mesh)[0]))
+    batch_axes = _names(logical_to_spec(("batch",), (rows,), mesh)[0])
+    if not vocab_axes:
+        return False
+    apart = 1
+    for axis in batch_axes:
+        if axis not in vocab_axes:
+            apart *= mesh.shape[axis]
+    return (rows // apart) * positions <= vocab
+
+
 def lookup(table: Array, ids: Array, table_axes: tuple[str | None, str | None], dtype: Any) -> Array:
     """``table[ids]`` in ``dtype`` ([B, T] ids -> [B, T, E]); vocab-parallel when a mesh splits the table's rows."""
     mesh = jax.sharding.get_abstract_mesh()
     table_spec = None if mesh.empty else logical_to_spec(table_axes, table.shape, mesh)
-    if table_spec is None or not _names(table_spec[0]):
+    if table_spec is None or not _names(table_spec[0]) or not vocab_parallel(mesh, table.shape[0], *ids.shape):
         return jnp.take(table, ids, axis=0).astype(dtype)
     vocab_axes = _names(table_spec[0])
     ids_spec = logical_to_spec(("batch", "length"), ids.shape, mesh)

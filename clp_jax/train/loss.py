@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from clp_jax.models.embedding import vocab_parallel
 from clp_jax.models.layers import softcap
 from clp_jax.sharding import constrain, logical_to_spec
 
@@ -65,25 +66,22 @@ def _chunked(chunk: int, *xs: Array) -> tuple[Array, ...]:
     return tuple(_chunks(x, chunk) for x in xs)
 
 
-# The logits split over the vocabulary like the output layer (its vocab dim claims mesh axes first) and the batch
-# over what is left: each device multiplies its rows of the table by the hidden states of its batch group, so
-# neither the whole table nor a whole-table gradient is ever gathered on one device.
 LOGITS_AXES = ("batch", "length", "vocab")
 
 
-def _split_like_logits(h: Array, vocab: int) -> Array:
-    """``h`` [B, c, E] with the batch split of the [B, c, vocab] logits and E whole on each device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return h
-    spec = logical_to_spec(LOGITS_AXES, (*h.shape[:2], vocab), mesh, first=2)
-    return jax.lax.with_sharding_constraint(h, PartitionSpec(spec[0], spec[1], None))
-
-
 def _logits(h: Array, w: Array, vocab_major: bool, cap: float | None) -> Array:
-    h = _split_like_logits(h, w.shape[0] if vocab_major else w.shape[1])
+    """A chunk's float32 logits. When the output layer's rows are split and the chunk's hidden states of a batch
+    group are smaller than the table (``embedding.vocab_parallel``), the logits split over the vocabulary like
+    the table (its dim claims mesh axes first) and the batch over what is left: each device multiplies its rows
+    of the table by its group's hidden states, so neither the table nor a whole-table gradient is gathered."""
+    vocab = w.shape[0] if vocab_major else w.shape[1]
+    mesh = jax.sharding.get_abstract_mesh()
+    first = 2 if vocab_parallel(mesh, vocab, *h.shape[:2]) else None
+    if first is not None:
+        spec = logical_to_spec(LOGITS_AXES, (*h.shape[:2], vocab), mesh, first=first)
+        h = jax.lax.with_sharding_constraint(h, PartitionSpec(spec[0], spec[1], None))
     logits = jnp.einsum("bce,ve->bcv" if vocab_major else "bce,ev->bcv", h, w, preferred_element_type=jnp.float32)
-    return softcap(constrain(logits, LOGITS_AXES, first=2), cap)
+    return softcap(constrain(logits, LOGITS_AXES, first=first), cap)
 
 
 def _chunk_nll(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
