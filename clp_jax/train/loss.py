@@ -69,14 +69,20 @@ def _chunked(chunk: int, *xs: Array) -> tuple[Array, ...]:
 LOGITS_AXES = ("batch", "length", "vocab")
 
 
-def _logits(h: Array, w: Array, vocab_major: bool, cap: float | None) -> Array:
-    """A chunk's float32 logits. When the output layer's rows are split and the chunk's hidden states of a batch
-    group are smaller than the table (``embedding.vocab_parallel``), the logits split over the vocabulary like
-    the table (its dim claims mesh axes first) and the batch over what is left: each device multiplies its rows
-    of the table by its group's hidden states, so neither the table nor a whole-table gradient is gathered."""
+def _split_vocab(hidden: Array, w: Array, vocab_major: bool) -> bool:
+    """Whether the loss splits over the vocabulary: the output layer's rows are split and a batch group's hidden
+    states, all positions (XLA gathers them for the whole loop at once), are fewer than its rows."""
+    vocab = w.shape[0] if vocab_major else w.shape[1]
+    return vocab_parallel(jax.sharding.get_abstract_mesh(), vocab, *hidden.shape[:2])
+
+
+def _logits(h: Array, w: Array, vocab_major: bool, cap: float | None, split: bool) -> Array:
+    """A chunk's float32 logits. With ``split`` (``_split_vocab``) the logits split over the vocabulary like the
+    table (its dim claims mesh axes first) and the batch over what is left: each device multiplies its rows of
+    the table by its batch group's hidden states, so neither the table nor a whole-table gradient is gathered."""
     vocab = w.shape[0] if vocab_major else w.shape[1]
     mesh = jax.sharding.get_abstract_mesh()
-    first = 2 if vocab_parallel(mesh, vocab, *h.shape[:2]) else None
+    first = 2 if split else None
     if first is not None:
         spec = logical_to_spec(LOGITS_AXES, (*h.shape[:2], vocab), mesh, first=first)
         h = jax.lax.with_sharding_constraint(h, PartitionSpec(spec[0], spec[1], None))
@@ -94,9 +100,11 @@ def _chunk_nll(logits: Array, targets: Array, weights: Array) -> tuple[Array, Ar
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool,
              cap: float | None) -> Array:
+    split = _split_vocab(hidden, w, vocab_major)
+
     def body(total: Array, xs: tuple) -> tuple[Array, None]:
         h, tgt, wt = xs
-        nll, _ = _chunk_nll(_logits(h, w, vocab_major, cap), tgt, wt)
+        nll, _ = _chunk_nll(_logits(h, w, vocab_major, cap, split), tgt, wt)
         return total + jnp.sum(nll), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunked(chunk, hidden, targets, weights))
@@ -105,10 +113,12 @@ def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int
 
 def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool,
                  cap: float | None) -> tuple:
+    split = _split_vocab(hidden, w, vocab_major)
+
     def body(carry: tuple, xs: tuple) -> tuple[tuple, Array]:
         total, dw = carry
         h, tgt, wt = xs
-        logits = _logits(h, w, vocab_major, cap)
+        logits = _logits(h, w, vocab_major, cap, split)
         nll, lse = _chunk_nll(logits, tgt, wt)
         probs = jnp.exp(logits - lse[..., None])
         onehot = jnp.arange(logits.shape[-1]) == tgt[..., None]

@@ -104,7 +104,7 @@ class PlanReport:
         gib = lambda b: f"{b / GIB:9.2f} GiB"  # noqa: E731
         xla = "n/a" if self.xla_flops_per_step is None else f"{self.xla_flops_per_step:.4g}"
         if self.kernel_flops_per_step:
-            xla += f" + {self.kernel_flops_per_step:.4g} in Splash kernels"
+            xla += f" + {self.kernel_flops_per_step:.4g} XLA cannot count (Splash kernels, loss chunks)"
         peak = "n/a" if self.peak_step_seconds is None else f"{self.peak_step_seconds:.3g} s"
         verdict = (f"FITS with {self.headroom_bytes / GIB:.2f} GiB headroom" if self.fits
                    else f"DOES NOT FIT: {-self.headroom_bytes / GIB:.2f} GiB over")
