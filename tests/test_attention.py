@@ -131,7 +131,15 @@ def test_model_with_splash_on_cpu_fails_at_trace_time():
     cfg = tiny_llama(attention="splash")
     params = models.init_params(cfg, jax.random.key(0))
     with pytest.raises(ClpError, match="model.attention=splash runs on TPUs"):
-        models.apply(params, cfg, jnp.zeros((1, 8), jnp.int32))
+        models.apply(params, cfg, jnp.zeros((1, 128), jnp.int32))
+
+
+def test_auto_takes_xla_where_splash_cannot_tile_the_sequence():
+    cfg = tiny_llama(attention="auto")
+    assert attention.choose(cfg, "tpu", seq_len=128) == "splash"
+    assert attention.choose(cfg, "tpu", seq_len=16) == "xla"  # `clp-jax plan` of a short-sequence config
+    with pytest.raises(ClpError, match="data.seq_len a multiple of 128"):
+        attention.choose(cfg.replace(attention="splash"), "tpu", seq_len=16)
 
 
 def test_splash_seq_len_must_tile():

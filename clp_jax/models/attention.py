@@ -32,11 +32,16 @@ _PLATFORM_KERNEL = {"tpu": "splash", "gpu": "cudnn"}
 _KERNEL_PLATFORM = {"splash": "tpu", "cudnn": "gpu"}
 
 
-def unsupported(cfg: TransformerConfig, implementation: str) -> str | None:
-    """Why ``implementation`` cannot compute ``cfg``'s attention in training (None: it can), as a fix-it hint."""
+def unsupported(cfg: TransformerConfig, implementation: str, seq_len: int | None = None) -> str | None:
+    """Why ``implementation`` cannot compute ``cfg``'s attention in training (None: it can), as a fix-it hint;
+    with ``seq_len``, also whether the kernel tiles that length."""
     if implementation == "splash" and cfg.position == "alibi":
         return ("the Splash kernel cannot add ALiBi position biases (BLOOM); set model.attention=xla "
                 "(or auto)")
+    if implementation == "splash" and seq_len is not None and (seq_len % splash_block(seq_len)
+                                                               or splash_block(seq_len) % 128):
+        return (f"the Splash kernel needs data.seq_len a multiple of 128 (and of {SPLASH_BLOCK} past it), "
+                f"got {seq_len}; set model.attention=xla (or auto)")
     if implementation == "cudnn":
         if cfg.compute_dtype not in (jnp.bfloat16, jnp.float16):
             return f"cuDNN flash attention needs bfloat16 or float16 compute, not {cfg.dtype}; set model.dtype=bfloat16"
@@ -48,7 +53,7 @@ def unsupported(cfg: TransformerConfig, implementation: str) -> str | None:
     return None
 
 
-def choose(cfg: TransformerConfig, platform: str, cached: bool = False) -> str:
+def choose(cfg: TransformerConfig, platform: str, cached: bool = False, seq_len: int | None = None) -> str:
     """The implementation ``cfg.attention`` means on ``platform`` (tpu, gpu, cpu); a ClpError when it cannot run.
 
     ``auto`` falls back to xla where its kernel cannot serve the model; a KV cache always takes xla.
@@ -57,8 +62,8 @@ def choose(cfg: TransformerConfig, platform: str, cached: bool = False) -> str:
         return "xla"
     if cfg.attention == "auto":
         kernel = _PLATFORM_KERNEL.get(platform)
-        return kernel if kernel is not None and unsupported(cfg, kernel) is None else "xla"
-    reason = unsupported(cfg, cfg.attention)
+        return kernel if kernel is not None and unsupported(cfg, kernel, seq_len) is None else "xla"
+    reason = unsupported(cfg, cfg.attention, seq_len)
     if reason:
         raise ClpError(f"model.attention={cfg.attention}: {reason}")
     if platform != _KERNEL_PLATFORM[cfg.attention]:
@@ -75,9 +80,10 @@ def current_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def resolve(cfg: TransformerConfig, platform: str) -> TransformerConfig:
-    """``cfg`` with ``attention`` the concrete implementation for ``platform`` (what ``auto`` means there)."""
-    return cfg.replace(attention=choose(cfg, platform))
+def resolve(cfg: TransformerConfig, platform: str, seq_len: int | None = None) -> TransformerConfig:
+    """``cfg`` with ``attention`` the concrete implementation for ``platform`` and sequences of ``seq_len`` (what
+    ``auto`` means there)."""
+    return cfg.replace(attention=choose(cfg, platform, seq_len=seq_len))
 
 
 def attend(implementation: str, q: Array, k: Array, v: Array, mask: Array | None, bias: Array | None,

@@ -185,7 +185,7 @@ class Transformer(nn.Module):
         if cache is None:
             # The kernel for this platform (a ClpError line when it cannot run); init only needs the shapes.
             platform = "cpu" if self.is_initializing() else attention.current_platform()
-            cfg = attention.resolve(cfg.replace(attention="xla") if self.is_initializing() else cfg, platform)
+            cfg = attention.resolve(cfg.replace(attention="xla") if self.is_initializing() else cfg, platform, t)
             key_positions = positions
             dense = cfg.attention != "splash"
             masks = {w: attention_mask(segment_ids, positions, w) if dense else None for w in dict.fromkeys(windows)}

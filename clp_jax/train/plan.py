@@ -246,7 +246,7 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
     except ClpError as e:
         raise ClpError(f"{topology} has {len(devices)} chips: {e}") from None
     model_cfg, _ = model_config(cfg)
-    model_cfg = attention.resolve(model_cfg, devices[0].platform)
+    model_cfg = attention.resolve(model_cfg, devices[0].platform, cfg.data.seq_len)
     seq_len, rows = cfg.data.seq_len, cfg.data.batch_size
     if model_cfg.position == "learned" and seq_len > model_cfg.max_position_embeddings:
         raise ClpError(f"{cfg.model.init}: data.seq_len {seq_len} exceeds the model's "
@@ -320,7 +320,7 @@ def search_candidates(cfg: TrainConfig, platform: str, attentions: Sequence[str]
     ``platform`` (xla and the platform's, unless it cannot serve the model) and the config's logits chunk."""
     if attentions is None:
         model_cfg, _ = model_config(cfg)
-        kernel = attention.resolve(model_cfg.replace(attention="auto"), platform).attention
+        kernel = attention.resolve(model_cfg.replace(attention="auto"), platform, cfg.data.seq_len).attention
         attentions = tuple(dict.fromkeys(("xla", kernel)))
     chunks = (cfg.model.logits_chunk,) if logits_chunks is None else tuple(logits_chunks)
     return [(a, r, c) for a in attentions for r in remats for c in chunks]
