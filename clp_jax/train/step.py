@@ -60,31 +60,29 @@ def input_sharding(mesh: Mesh) -> NamedSharding:
     return batch_sharding(mesh, (batch_divisor(mesh), 1))
 
 
-def _grads(params: Any, cfg: TransformerConfig, batch: Batch, accum: int, scale: jax.Array) -> tuple:
-    """``scale`` times the weighted nll sum over ``accum`` micro-batches, and its f32 grads: (grads, value).
+def _grads(params: Any, cfg: TransformerConfig, batch: Batch, accum: int) -> tuple:
+    """Summed (not averaged) f32 grads of the weighted nll, its sum and the token count, over ``accum`` micro-batches.
 
-    The scale (1 / the batch's token count) enters as the loss's cotangent, so the gradients come out
-    normalized without a pass over them. Micro-batch i is rows i::accum, so each device's rows split evenly
-    without moving data between devices.
+    Micro-batch i is rows i::accum, so each device's rows split evenly without moving data between devices.
     """
-    grad_sum = jax.value_and_grad(lambda p, b: loss_sums(p, cfg, b)[0] * scale)
+    grad_sum = jax.value_and_grad(lambda p, b: loss_sums(p, cfg, b), has_aux=True)
     if accum == 1:
-        scaled, grads = grad_sum(params, batch)
-        return grads, scaled
+        (total, tokens), grads = grad_sum(params, batch)
+        return grads, total, tokens
 
     def split(x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
         return constrain(x, (None, "batch", "length"))
 
     def body(carry: tuple, micro: Batch) -> tuple:
-        grads, total = carry
-        t, g = grad_sum(params, micro)
-        return (jax.tree.map(jnp.add, grads, g), total + t), None
+        grads, total, tokens = carry
+        (t, n), g = grad_sum(params, micro)
+        return (jax.tree.map(jnp.add, grads, g), total + t, tokens + n), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, scaled), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
-                                      {k: split(v) for k, v in batch.items()})
-    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), scaled
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, total, tokens), _ = jax.lax.scan(body, init, {k: split(v) for k, v in batch.items()})
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), total, tokens
 
 
 def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -106,11 +104,11 @@ def make_train_step(cfg: TransformerConfig, optimizer: optax.GradientTransformat
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         check_batch_shape(batch["tokens"].shape, mesh, grad_accum_steps)
-        tokens = jnp.sum(target_weights(batch)[1])
-        denom = jnp.maximum(tokens, 1.0)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for sharding.constrain
-            grads, loss = _grads(state.params, cfg, batch, grad_accum_steps, 1.0 / denom)
-        grad_norm = optax.global_norm(grads)
+            grads, total, tokens = _grads(state.params, cfg, batch, grad_accum_steps)
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        loss, grad_norm = total / denom, optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         nonfinite = ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm))
