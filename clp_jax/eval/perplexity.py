@@ -14,6 +14,7 @@ come back from the device and are added in float64 on the host in document order
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from clp_jax import models
 from clp_jax import progress as progress_bars
@@ -108,11 +109,19 @@ def _batches(docs: list[np.ndarray], batch_size: int, divisor: int, seq_len: int
         yield idx, tokens, seg
 
 
+@functools.lru_cache(maxsize=16)
+def _document_step(cfg: TransformerConfig, mesh: Mesh, rows: int) -> tuple[Callable, NamedSharding]:
+    # One jitted function per (architecture, mesh, rows): evaluating many models of one shape (a study's
+    # strategies, a run's checkpoints) traces and compiles each batch shape once.
+    p_shard = tree_shardings(models.param_axes(cfg), models.param_shapes(cfg), mesh)
+    b = batch_sharding(mesh, (rows, 1))
+    return jax.jit(lambda p, tokens, seg: token_nll(p, cfg, tokens, seg), in_shardings=(p_shard, b, b)), b
+
+
 def make_document_step(cfg: TransformerConfig, mesh: Mesh, params: Any, rows: int) -> Callable:
     """``token_nll`` jit-compiled with parameter and batch shardings from the rules table: per-document sums."""
-    p_shard = tree_shardings(models.param_axes(cfg), params, mesh)
-    b = batch_sharding(mesh, (rows, 1))
-    fn = jax.jit(lambda p, tokens, seg: token_nll(p, cfg, tokens, seg), in_shardings=(p_shard, b, b))
+    del params  # the shardings follow from cfg's parameter shapes
+    fn, b = _document_step(cfg, mesh, rows)
     return lambda p, tokens, seg: fn(p, jax.device_put(tokens, b), jax.device_put(seg, b))
 
 
