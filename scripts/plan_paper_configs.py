@@ -16,6 +16,7 @@ import pathlib
 import re
 import sys
 
+from clp_jax.cli.common import comma_names
 from clp_jax.config import load_config
 from clp_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from clp_jax.train.config import TrainConfig
@@ -25,24 +26,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMMAND = re.compile(r"clp-jax plan .*--topology (\S+) --init (\S+)")
 
 
-def _list(text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-    names = tuple(n for n in text.split(",") if n)
-    bad = [n for n in names if n not in allowed]
-    if bad:
-        raise SystemExit(f"unknown {', '.join(bad)}; expected names from {', '.join(allowed)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="", help="comma-separated name parts, e.g. bloom7b1_german_v5e (default all)")
-    p.add_argument("--attention", default="", help="comma-separated implementations (default: xla and the TPU kernel)")
-    p.add_argument("--remat", default=",".join(SEARCH_REMAT), help="comma-separated remat policies")
+    p.add_argument("--attention", type=comma_names(ATTENTION_IMPLEMENTATIONS), default=None,
+                   help="comma-separated implementations (default: xla and the TPU kernel)")
+    p.add_argument("--remat", type=comma_names(REMAT_POLICIES), default=SEARCH_REMAT,
+                   help="comma-separated remat policies")
     p.add_argument("--min-headroom", type=float, default=1.0, help="GiB per chip the choice must leave free")
     args = p.parse_args(argv)
     wanted = [w for w in args.configs.split(",") if w]
-    attentions = _list(args.attention, ATTENTION_IMPLEMENTATIONS) or None
-    remats = _list(args.remat, REMAT_POLICIES)
     results = {}
     for path in sorted((ROOT / "configs").glob("train_*_german_*.yaml")):
         if wanted and not any(w in path.stem for w in wanted):
@@ -50,9 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         topology, init = COMMAND.search(path.read_text()).groups()
         cfg = load_config(TrainConfig, path)
         cfg.model.init = str(ROOT / init)
-        found = plan_search(cfg, topology, min_headroom_gib=args.min_headroom, attentions=attentions, remats=remats)
+        found = plan_search(cfg, topology, min_headroom_gib=args.min_headroom, attentions=args.attention,
+                            remats=args.remat)
         print(f"== {path.name} on {topology}\n{found.format_table()}", file=sys.stderr, flush=True)
         results[path.name] = {"topology": topology, **found.as_dict()}
+    if not results:
+        p.error(f"no configs/train_*_german_*.yaml matches --configs {args.configs!r}")
     print(json.dumps(results, sort_keys=True))
     return 0
 

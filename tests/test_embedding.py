@@ -58,11 +58,15 @@ def test_lookup_never_holds_the_whole_table():
 
 def test_vocab_parallel_when_a_batch_group_is_smaller_than_the_table():
     """Split the work over the table's rows only when one batch group's positions are fewer than its rows."""
-    from clp_jax.models.embedding import vocab_parallel
+    from clp_jax.models.embedding import vocab_mesh_axes, vocab_parallel
+
+    def parallel(mesh, vocab, rows, positions):
+        return vocab_parallel(mesh, vocab_mesh_axes(mesh, vocab), vocab, rows, positions)
 
     split = make_mesh(2, 4, 1, devices=jax.devices()).abstract_mesh  # batch over data x fsdp, vocab over fsdp
-    assert vocab_parallel(split, 64, rows=8, positions=16)  # a group: 8 / 2 rows x 16 = 64 positions
-    assert not vocab_parallel(split, 64, rows=8, positions=17)
-    assert not vocab_parallel(split, 66, rows=8, positions=1)  # 66 rows do not split over fsdp
-    assert not vocab_parallel(make_mesh(8, 1, 1, devices=jax.devices()).abstract_mesh, 64, rows=8, positions=1)
-    assert not vocab_parallel(jax.sharding.AbstractMesh((), ()), 64, rows=8, positions=1)
+    assert vocab_mesh_axes(split, 64) == ("fsdp",) and vocab_mesh_axes(split, 66) == ()
+    assert parallel(split, 64, rows=8, positions=16)  # a group: 8 / 2 rows x 16 = 64 positions
+    assert not parallel(split, 64, rows=8, positions=17)
+    assert not parallel(split, 66, rows=8, positions=1)  # 66 rows do not split over fsdp
+    assert not parallel(make_mesh(8, 1, 1, devices=jax.devices()).abstract_mesh, 64, rows=8, positions=1)
+    assert not parallel(jax.sharding.AbstractMesh((), ()), 64, rows=8, positions=1)

@@ -110,3 +110,23 @@ def test_bits_per_byte_matches_pytorch_and_raw_utf8_bytes(kind, bos, tmp_path):
     assert abs(r.bits_per_byte - ref_bpb) / ref_bpb < 1e-5
     assert r.to_dict()["bits_per_byte"] == r.bits_per_byte
     assert perplexity(params, cfg, mesh, docs, seq_len=seq_len, progress=False).bits_per_byte is None
+
+
+def test_models_of_one_architecture_share_the_compiled_step_and_keep_their_own_loss(tmp_path, en_tokenizer):
+    """The eval step is compiled once per (architecture, mesh, rows); each model's weights still give its loss."""
+    from clp_jax.eval import perplexity as perplexity_module
+
+    docs, _, _ = encode_documents(en_tokenizer, make_sentences(WORDS_EN, 9, seed=3), seq_len=16)
+    mesh = make_mesh(data=-1)
+    losses = []
+    for seed in (0, 1):
+        hf = make_hf_model("gpt2", seed=seed, vocab_size=len(en_tokenizer))
+        hf.save_pretrained(tmp_path / str(seed))
+        cfg, params = load_params(str(tmp_path / str(seed)), mesh, progress=False)
+        before = perplexity_module._document_step.cache_info()
+        got = perplexity(params, cfg, mesh, docs, batch_size=4, seq_len=16, progress=False)
+        after = perplexity_module._document_step.cache_info()
+        assert after.hits == before.hits + seed  # the second model reuses the first one's step
+        losses.append(got.loss)
+        assert got.loss == pytest.approx(torch_reference(hf, docs)[0], rel=1e-5)
+    assert abs(losses[0] - losses[1]) > 1e-3

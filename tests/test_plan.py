@@ -250,3 +250,12 @@ def test_a_chunked_loss_counts_every_chunk(tiny, tmp_path):
     assert chunked.kernel_flops_per_step == 3 * 6.0 * 8 * 32 * arch.vocab_size * arch.hidden_size
     assert chunked.xla_flops_per_step < 0.9 * whole.xla_flops_per_step  # what the plan corrects
     assert chunked.step_flops == pytest.approx(whole.step_flops, rel=0.02)
+
+
+@pytest.mark.parametrize("flag,value,bad", [("--remat", "full,dots", "dots"), ("--attention", "flash", "flash"),
+                                            ("--remat", ",", "','")])
+def test_unknown_search_names_are_one_line_naming_them(flag, value, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--topology", "v5e:2x2", "--search", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and err.startswith(f"clp-jax plan: error: argument {flag}: {bad}: expected names from")

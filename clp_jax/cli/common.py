@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from clp_jax.config import ConfigModel, load_config
@@ -71,3 +71,15 @@ def positive(name: str, value: int) -> int:
 
 __all__: Sequence[str] = ["add_config_args", "add_run_arguments", "finish_run", "print_result", "read_lines",
                            "resolve_config", "run_trainer"]
+
+
+def comma_names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: a comma-separated, non-empty list of names from ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            what = ",".join(bad) if bad else repr(text)
+            raise argparse.ArgumentTypeError(f"{what}: expected names from {', '.join(allowed)}")
+        return names
+    return parse

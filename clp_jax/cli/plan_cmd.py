@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 import jax
 
-from clp_jax.cli.common import add_config_args, print_result, resolve_config
+from clp_jax.cli.common import add_config_args, comma_names, print_result, resolve_config
 from clp_jax.errors import ClpError
 from clp_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from clp_jax.train.config import TrainConfig
@@ -32,9 +31,9 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization assumed for tokens/s (default 0.4)")
     p.add_argument("--init", help="HF model dir (config.json is enough) whose architecture to plan (model.init)")
     p.add_argument("--search", action="store_true", help="plan the candidates below and choose the fastest that fits")
-    p.add_argument("--attention", type=_names(ATTENTION_IMPLEMENTATIONS), metavar="A,B",
+    p.add_argument("--attention", type=comma_names(ATTENTION_IMPLEMENTATIONS), metavar="A,B",
                    help="--search: attention implementations (default: xla and the TPU kernel the model allows)")
-    p.add_argument("--remat", type=_names(REMAT_POLICIES), default=SEARCH_REMAT, metavar="P,Q",
+    p.add_argument("--remat", type=comma_names(REMAT_POLICIES), default=SEARCH_REMAT, metavar="P,Q",
                    help=f"--search: remat policies (default: {','.join(SEARCH_REMAT)})")
     p.add_argument("--logits-chunk", type=_chunks, metavar="N,M",
                    help="--search: model.logits_chunk values, 'null' for whole sequences (default: the config's)")
@@ -65,17 +64,6 @@ def run(args: argparse.Namespace) -> int:
               "grad_accum_steps, another data/fsdp split of the mesh, or a bigger slice)", file=sys.stderr)
     print_result(report.as_dict())
     return 0
-
-
-def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
-    """An argparse type: a comma-separated list of names from ``allowed``."""
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
-        bad = [n for n in names if n not in allowed]
-        if bad or not names:
-            raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: expected names from {', '.join(allowed)}")
-        return names
-    return parse
 
 
 def _chunks(text: str) -> tuple[int | None, ...]:

@@ -29,16 +29,18 @@ def _entry(names: tuple[str, ...]) -> Any:
     return None if not names else names[0] if len(names) == 1 else names
 
 
-def vocab_parallel(mesh: Any, vocab: int, rows: int, positions: int) -> bool:
+def vocab_mesh_axes(mesh: Any, vocab: int) -> tuple[str, ...]:
+    """The mesh axes the rules table splits a ``vocab``-row dimension over (none without a mesh)."""
+    return () if mesh.empty else _names(logical_to_spec(("vocab",), (vocab,), mesh)[0])
+
+
+def vocab_parallel(mesh: Any, vocab_axes: tuple[str, ...], vocab: int, rows: int, positions: int) -> bool:
     """Whether splitting work over the table's rows moves less than gathering the table: true when ``mesh`` splits
-    a ``vocab``-row table over some axes and the [rows, positions] activations of one group of devices that
+    a ``vocab``-row table over ``vocab_axes`` and the [rows, positions] activations of one group of devices that
     share a batch shard (gathered over those axes) hold fewer positions than the table has rows."""
-    if mesh.empty:
+    if mesh.empty or not vocab_axes:
         return False
-    vocab_axes = set(_names(logical_to_spec(("vocab",), (vocab,), mesh)[0]))
     batch_axes = _names(logical_to_spec(("batch",), (rows,), mesh)[0])
-    if not vocab_axes:
-        return False
     apart = 1
     for axis in batch_axes:
         if axis not in vocab_axes:
@@ -50,9 +52,9 @@ def lookup(table: Array, ids: Array, table_axes: tuple[str | None, str | None], 
     """``table[ids]`` in ``dtype`` ([B, T] ids -> [B, T, E]); vocab-parallel when a mesh splits the table's rows."""
     mesh = jax.sharding.get_abstract_mesh()
     table_spec = None if mesh.empty else logical_to_spec(table_axes, table.shape, mesh)
-    if table_spec is None or not _names(table_spec[0]) or not vocab_parallel(mesh, table.shape[0], *ids.shape):
+    vocab_axes = () if table_spec is None else _names(table_spec[0])
+    if not vocab_parallel(mesh, vocab_axes, table.shape[0], *ids.shape):
         return jnp.take(table, ids, axis=0).astype(dtype)
-    vocab_axes = _names(table_spec[0])
     ids_spec = logical_to_spec(("batch", "length"), ids.shape, mesh)
     batch_axes = _names(ids_spec[0])
     shared = tuple(a for a in batch_axes if a in vocab_axes)  # devices of one vocab group hold different rows

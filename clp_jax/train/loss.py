@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from clp_jax.models.embedding import vocab_parallel
+from clp_jax.models.embedding import vocab_mesh_axes, vocab_parallel
 from clp_jax.models.layers import softcap
 from clp_jax.sharding import constrain, logical_to_spec
 
@@ -42,7 +42,8 @@ def weighted_nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, ch
     """
     t = hidden.shape[1]
     chunk = t if chunk is None else max(1, min(chunk, t))
-    return _nll_sum(hidden, w, targets, weights.astype(jnp.float32), chunk, vocab_major, softcap)
+    split = _split_vocab(hidden, w, vocab_major)
+    return _nll_sum(hidden, w, targets, weights.astype(jnp.float32), chunk, vocab_major, softcap, split)
 
 
 def row_nll_sums(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int | None = None,
@@ -73,7 +74,8 @@ def _split_vocab(hidden: Array, w: Array, vocab_major: bool) -> bool:
     """Whether the loss splits over the vocabulary: the output layer's rows are split and a batch group's hidden
     states, all positions (XLA gathers them for the whole loop at once), are fewer than its rows."""
     vocab = w.shape[0] if vocab_major else w.shape[1]
-    return vocab_parallel(jax.sharding.get_abstract_mesh(), vocab, *hidden.shape[:2])
+    mesh = jax.sharding.get_abstract_mesh()
+    return vocab_parallel(mesh, vocab_mesh_axes(mesh, vocab), vocab, *hidden.shape[:2])
 
 
 def _logits(h: Array, w: Array, vocab_major: bool, cap: float | None, split: bool) -> Array:
@@ -97,11 +99,9 @@ def _chunk_nll(logits: Array, targets: Array, weights: Array) -> tuple[Array, Ar
     return jnp.where(weights != 0, (lse - picked) * weights, 0.0), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool,
-             cap: float | None) -> Array:
-    split = _split_vocab(hidden, w, vocab_major)
-
+             cap: float | None, split: bool) -> Array:
     def body(total: Array, xs: tuple) -> tuple[Array, None]:
         h, tgt, wt = xs
         nll, _ = _chunk_nll(_logits(h, w, vocab_major, cap, split), tgt, wt)
@@ -112,9 +112,7 @@ def _nll_sum(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int
 
 
 def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk: int, vocab_major: bool,
-                 cap: float | None) -> tuple:
-    split = _split_vocab(hidden, w, vocab_major)
-
+                 cap: float | None, split: bool) -> tuple:
     def body(carry: tuple, xs: tuple) -> tuple[tuple, Array]:
         total, dw = carry
         h, tgt, wt = xs
@@ -142,7 +140,7 @@ def _nll_sum_fwd(hidden: Array, w: Array, targets: Array, weights: Array, chunk:
     return total, (dh, dw.astype(w.dtype))
 
 
-def _nll_sum_bwd(chunk: int, vocab_major: bool, cap: float | None, res: tuple, ct: Array) -> tuple:
+def _nll_sum_bwd(chunk: int, vocab_major: bool, cap: float | None, split: bool, res: tuple, ct: Array) -> tuple:
     dh, dw = res
     return (ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype), None, None
 
