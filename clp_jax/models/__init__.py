@@ -47,8 +47,10 @@ def param_shapes(cfg: TransformerConfig) -> Any:
     return nn.meta.unbox(_boxed_shapes(cfg))
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: TransformerConfig, rng: jax.Array) -> Any:
-    """Random parameters (normal(initializer_range), GPT-2's depth-scaled output projections)."""
+    """Random parameters (normal(initializer_range), GPT-2's depth-scaled output projections); one compiled
+    program, not an op-by-op dispatch of every initializer."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return nn.meta.unbox(Transformer(cfg).init(rng, tokens)["params"])
 
