@@ -234,7 +234,9 @@ def test_search_chooses_the_fewest_flops_that_fit(tmp_path):
         assert by[attn, "full"].step_flops > by[attn, "none"].step_flops
     for remat in ("none", "full"):  # one tile: Splash does the same matmuls XLA would, counted by hand
         assert by["splash", remat].step_flops == pytest.approx(by["xla", remat].step_flops, rel=0.05)
-    assert found.best is min(found.candidates, key=lambda c: c.step_flops)  # all fit this tiny model
+    fewest = min(c.step_flops for c in found.candidates)  # all fit this tiny model
+    tied = [c for c in found.candidates if c.step_flops <= fewest * 1.005]  # a 0.5% FLOPs difference is a tie
+    assert found.best is max(tied, key=lambda c: c.headroom_bytes)  # broken by headroom
     assert found.best.peak_step_seconds == pytest.approx(found.best.step_flops / (4 * 197e12))
 
 
@@ -259,3 +261,19 @@ def test_unknown_search_names_are_one_line_naming_them(flag, value, bad, capsys)
         main(["plan", "--topology", "v5e:2x2", "--search", flag, value])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert exc.value.code == 2 and err.startswith(f"clp-jax plan: error: argument {flag}: {bad}: expected names from")
+
+
+def test_flops_within_half_a_percent_tie_and_headroom_breaks_the_tie():
+    from types import SimpleNamespace
+
+    def cand(name, flops, headroom_gib, fits=True):
+        return SimpleNamespace(name=name, step_flops=flops, headroom_bytes=int(headroom_gib * 2**30), fits=fits,
+                               xla_flops_per_step=flops)
+
+    xla, splash = cand("xla", 1.000e15, 8.0), cand("splash", 1.004e15, 8.2)  # 0.4% more FLOPs, more headroom
+    light = cand("light", 0.990e15, 0.5)  # fewest FLOPs but under the 1 GiB asked for
+    big = cand("none", 0.80e15, 40, fits=False)
+    assert plan_module.choose_candidate([xla, splash, light, big], 2**30).name == "splash"
+    assert plan_module.choose_candidate([xla, cand("slower", 1.006e15, 9.0)], 2**30).name == "xla"  # 0.6%: no tie
+    assert plan_module.choose_candidate([light], 0).name == "light"
+    assert plan_module.choose_candidate([light, big], 2**30) is None

@@ -279,6 +279,9 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
         remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk, xla_error=xla["error"])
 
 
+# Relative FLOPs difference below which two candidates tie in a search (then the one with more headroom wins).
+FLOPS_TIE = 0.005
+
 # The remat policies a search tries by default, from the most saved (fewest FLOPs) to the least.
 SEARCH_REMAT = ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full")
 
@@ -330,7 +333,8 @@ def plan_search(cfg: TrainConfig, topology: str, mfu: float = 0.4, min_headroom_
                 attentions: Sequence[str] | None = None, remats: Sequence[str] = SEARCH_REMAT,
                 logits_chunks: Sequence[int | None] | None = None) -> SearchReport:
     """Plan every candidate; choose the fewest ``step_flops`` (XLA's and the kernels') that fits with
-    ``min_headroom_gib`` to spare."""
+    ``min_headroom_gib`` to spare. FLOPs within ``FLOPS_TIE`` of the fewest count as equal (a FLOP count is not
+    a step time); among those the most headroom wins (``choose_candidate``)."""
     parse_topology(topology)  # a bad name fails before the first compile
     reports = []
     for attn, remat, chunk in search_candidates(cfg, "tpu", attentions, remats, logits_chunks):
@@ -338,6 +342,14 @@ def plan_search(cfg: TrainConfig, topology: str, mfu: float = 0.4, min_headroom_
         candidate.model.attention, candidate.model.remat, candidate.model.logits_chunk = attn, remat, chunk
         reports.append(plan(candidate, topology, mfu))
     need = int(min_headroom_gib * GIB)
-    fitting = [r for r in reports if r.fits and r.headroom_bytes >= need and r.xla_flops_per_step is not None]
-    best = min(fitting, key=lambda r: (r.step_flops, -r.headroom_bytes), default=None)
-    return SearchReport(candidates=reports, best=best, min_headroom_bytes=need)
+    return SearchReport(candidates=reports, best=choose_candidate(reports, need), min_headroom_bytes=need)
+
+
+def choose_candidate(reports: Sequence[PlanReport], min_headroom_bytes: int) -> PlanReport | None:
+    """The fewest FLOPs per step that fits with ``min_headroom_bytes`` to spare, FLOPs within ``FLOPS_TIE``
+    counting as equal and broken by headroom; None when nothing fits."""
+    fitting = [r for r in reports if r.fits and r.headroom_bytes >= min_headroom_bytes
+               and r.xla_flops_per_step is not None]
+    fewest = min((r.step_flops for r in fitting), default=0.0)
+    tied = [r for r in fitting if r.step_flops <= fewest * (1 + FLOPS_TIE)]
+    return max(tied, key=lambda r: (r.headroom_bytes, -r.step_flops), default=None)
