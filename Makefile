@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-TEST_WORKERS ?= 2
+# One worker more than the 2 cores: compiles are single-threaded and subprocess tests wait on their children.
+TEST_WORKERS ?= 3
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 export PYTHONDONTWRITEBYTECODE := 1
 export TOKENIZERS_PARALLELISM := false
