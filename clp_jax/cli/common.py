@@ -69,10 +69,6 @@ def positive(name: str, value: int) -> int:
     return value
 
 
-__all__: Sequence[str] = ["add_config_args", "add_run_arguments", "finish_run", "print_result", "read_lines",
-                           "resolve_config", "run_trainer"]
-
-
 def comma_names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     """An argparse type: a comma-separated, non-empty list of names from ``allowed``."""
     def parse(text: str) -> tuple[str, ...]:
@@ -83,3 +79,8 @@ def comma_names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
             raise argparse.ArgumentTypeError(f"{what}: expected names from {', '.join(allowed)}")
         return names
     return parse
+
+
+__all__: Sequence[str] = ["add_config_args", "add_run_arguments", "comma_names", "finish_run", "print_result",
+                           "read_lines", "resolve_config", "run_trainer"]
+

@@ -118,9 +118,8 @@ def _document_step(cfg: TransformerConfig, mesh: Mesh, rows: int) -> tuple[Calla
     return jax.jit(lambda p, tokens, seg: token_nll(p, cfg, tokens, seg), in_shardings=(p_shard, b, b)), b
 
 
-def make_document_step(cfg: TransformerConfig, mesh: Mesh, params: Any, rows: int) -> Callable:
+def make_document_step(cfg: TransformerConfig, mesh: Mesh, rows: int) -> Callable:
     """``token_nll`` jit-compiled with parameter and batch shardings from the rules table: per-document sums."""
-    del params  # the shardings follow from cfg's parameter shapes
     fn, b = _document_step(cfg, mesh, rows)
     return lambda p, tokens, seg: fn(p, jax.device_put(tokens, b), jax.device_put(seg, b))
 
@@ -167,14 +166,13 @@ def check_eval_fits(cfg: TransformerConfig, mesh: Mesh, batch_size: int, length:
 
 def perplexity(params: Any, cfg: TransformerConfig, mesh: Mesh, docs: list[np.ndarray], *, batch_size: int = 8,
                seq_len: int = 1024, skipped: int = 0, covered_bytes: Sequence[int] | None = None,
-               progress: bool = True, step: Callable | None = None) -> PerplexityResult:
+               progress: bool = True) -> PerplexityResult:
     """Loss, perplexity and (given each document's ``covered_bytes``) bits per byte over ``docs`` (1-D token ids).
 
-    ``step``, a ``make_document_step(cfg, mesh, params, eval_rows(mesh, batch_size))``, saves recompiling when the
-    same model is evaluated again (e.g. during training).
+    The compiled step is shared by every model of ``cfg``'s architecture on ``mesh`` (``make_document_step``).
     """
     divisor = batch_divisor(mesh)
-    step = step or make_document_step(cfg, mesh, params, eval_rows(mesh, batch_size))
+    step = make_document_step(cfg, mesh, eval_rows(mesh, batch_size))
     nll = np.zeros(len(docs), np.float64)
     count = np.zeros(len(docs), np.int64)
     total_tokens = sum(len(d) - 1 for d in docs)

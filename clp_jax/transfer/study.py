@@ -41,7 +41,7 @@ from clp_jax.config import ConfigModel, config_to_dict, save_config
 from clp_jax.data.pipeline import DataConfig
 from clp_jax.data.sources import SourceConfig
 from clp_jax.errors import ClpError, stopped_run_error
-from clp_jax.eval.perplexity import encode_documents, eval_rows, evaluate_model_dir, make_document_step, perplexity
+from clp_jax.eval.perplexity import encode_documents, evaluate_model_dir, perplexity
 from clp_jax.files import atomic_open, read_lines, write_json
 from clp_jax.hf.reader import read_config
 from clp_jax.hf.tokenizer import load_tokenizer
@@ -394,15 +394,13 @@ def _train(run: _Study, model_dir: str, run_dir: str, key: str, label: str) -> d
     cfg, t, seq_len = run.cfg, run.cfg.train, run.seq_len
     trainer = Trainer(train_config(cfg, os.path.abspath(model_dir), run.train_path, run_dir))
     docs, covered, skipped = encode_documents(trainer.tokenizer, run.held, seq_len)
-    step_fn = make_document_step(trainer.model_cfg, trainer.mesh, trainer.state.params,
-                                 eval_rows(trainer.mesh, cfg.eval.batch_size))
     curve_path = os.path.join(run_dir, "curve.jsonl")
 
     def point(step: int) -> None:
         if step % t.eval_every and step != t.steps:
             return
         r = perplexity(trainer.state.params, trainer.model_cfg, trainer.mesh, docs, batch_size=cfg.eval.batch_size,
-                       seq_len=seq_len, skipped=skipped, covered_bytes=covered, progress=False, step=step_fn)
+                       seq_len=seq_len, skipped=skipped, covered_bytes=covered, progress=False)
         with open(curve_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "loss": r.loss, "bpb": r.bits_per_byte}) + "\n")
         _say(f"{label}: step {step} held-out loss {r.loss:.4f}, bpb {r.bits_per_byte:.4f}")
