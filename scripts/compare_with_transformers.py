@@ -17,19 +17,14 @@ import sys
 import tempfile
 
 import numpy as np
-import torch
-import transformers
 
-from clp_jax.data.demo_corpus import demo_texts
-from clp_jax.demo import train_tokenizer
-from clp_jax.eval.perplexity import encode_documents, perplexity
-from clp_jax.files import read_lines
-from clp_jax.hf.reader import load_params, read_config
-from clp_jax.hf.tokenizer import load_tokenizer
-from clp_jax.sharding import make_mesh
+# torch, transformers and clp_jax are imported where they are used, so that --help answers at once.
 
 
 def torch_loss(model_dir: str, docs: list[np.ndarray]) -> float:
+    import torch
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -42,6 +37,12 @@ def torch_loss(model_dir: str, docs: list[np.ndarray]) -> float:
 
 def train_gpt2(out: str, steps: int, seed: int = 0) -> None:
     """A small GPT-2 trained with PyTorch AdamW on the English demo corpus, saved as an HF dir."""
+    import torch
+    import transformers
+
+    from clp_jax.data.demo_corpus import demo_texts
+    from clp_jax.demo import train_tokenizer
+
     torch.manual_seed(seed)
     texts = demo_texts("en")
     tok = train_tokenizer(texts, 1024)
@@ -71,6 +72,13 @@ def main() -> None:
     p.add_argument("--train-gpt2", metavar="DIR", help="first train a small GPT-2 with PyTorch into DIR")
     p.add_argument("--steps", type=int, default=300)
     args = p.parse_args()
+    from clp_jax.data.demo_corpus import demo_texts
+    from clp_jax.eval.perplexity import encode_documents, perplexity
+    from clp_jax.files import read_lines
+    from clp_jax.hf.reader import load_params, read_config
+    from clp_jax.hf.tokenizer import load_tokenizer
+    from clp_jax.sharding import make_mesh
+
     model_dir = args.model or args.train_gpt2 or os.path.join(tempfile.mkdtemp(), "gpt2")
     if args.train_gpt2 or not args.model:
         train_gpt2(model_dir, args.steps)

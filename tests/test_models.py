@@ -9,6 +9,8 @@ from clp_jax import models
 from clp_jax.hf.reader import load_params
 from clp_jax.sharding import make_mesh
 
+apply = jax.jit(models.apply, static_argnums=1)  # one compile per call shape, not one per op
+
 
 def padded_batch(rng, vocab, lengths, t):
     ids = rng.integers(0, vocab, size=(len(lengths), t))
@@ -40,9 +42,9 @@ def test_packed_segments_equal_separate_documents(tmp_path):
     packed = np.concatenate([a, b])[None]
     seg = np.array([[1] * 5 + [2] * 7])
     pos = np.array([list(range(5)) + list(range(7))])
-    out = np.asarray(models.apply(params, cfg, packed, pos, seg))[0]
-    alone_a = np.asarray(models.apply(params, cfg, a[None]))[0]
-    alone_b = np.asarray(models.apply(params, cfg, b[None]))[0]
+    out = np.asarray(apply(params, cfg, packed, pos, seg))[0]
+    alone_a = np.asarray(apply(params, cfg, a[None]))[0]
+    alone_b = np.asarray(apply(params, cfg, b[None]))[0]
     np.testing.assert_allclose(out[:5], alone_a, atol=1e-5)
     np.testing.assert_allclose(out[5:], alone_b, atol=1e-5)
 
@@ -54,9 +56,9 @@ def test_packed_segments_learned_and_alibi(name, tmp_path):
     cfg, params = load_params(str(tmp_path), make_mesh(data=-1), progress=False)
     rng = np.random.default_rng(2)
     a, b = rng.integers(0, 300, 4), rng.integers(0, 300, 6)
-    out = np.asarray(models.apply(params, cfg, np.concatenate([a, b])[None],
+    out = np.asarray(apply(params, cfg, np.concatenate([a, b])[None],
                                   np.array([list(range(4)) + list(range(6))]), np.array([[1] * 4 + [2] * 6])))[0]
-    np.testing.assert_allclose(out[4:], np.asarray(models.apply(params, cfg, b[None]))[0], atol=1e-5)
+    np.testing.assert_allclose(out[4:], np.asarray(apply(params, cfg, b[None]))[0], atol=1e-5)
 
 
 def test_bfloat16_compute_close_to_float32(tmp_path):
@@ -65,8 +67,8 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
     mesh = make_mesh(data=-1)
     cfg, params = load_params(str(tmp_path), mesh, progress=False)
     ids = np.random.default_rng(3).integers(0, 300, (2, 10))
-    f32 = np.asarray(models.apply(params, cfg, ids))
-    bf16 = np.asarray(models.apply(params, cfg.replace(dtype="bfloat16"), ids))
+    f32 = np.asarray(apply(params, cfg, ids))
+    bf16 = np.asarray(apply(params, cfg.replace(dtype="bfloat16"), ids))
     assert bf16.dtype == np.float32
     assert np.max(np.abs(f32 - bf16)) < 0.1 and not np.array_equal(f32, bf16)
 
@@ -101,7 +103,7 @@ def test_existing_families_keep_their_parameter_trees():
 def _remat_model():
     from clp_jax.models.config import TransformerConfig
 
-    cfg = TransformerConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+    cfg = TransformerConfig(arch="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                             head_dim=8, intermediate_size=48, norm="rmsnorm", norm_eps=1e-6, activation="silu",
                             gated_mlp=True, position="rope", tie_word_embeddings=False, norm_bias=False)
     params = models.init_params(cfg, jax.random.key(0))
@@ -113,9 +115,9 @@ def test_remat_policies_keep_the_gradients():
     from clp_jax.models.config import REMAT_POLICIES
 
     cfg, params, loss = _remat_model()
-    ref = jax.grad(loss(cfg.replace(remat="none")))(params)
+    ref = jax.jit(jax.grad(loss(cfg.replace(remat="none"))))(params)
     for policy in REMAT_POLICIES[1:]:
-        grads = jax.grad(loss(cfg.replace(remat=policy)))(params)
+        grads = jax.jit(jax.grad(loss(cfg.replace(remat=policy))))(params)
         for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-6, atol=1e-7, err_msg=policy)
 

@@ -21,7 +21,7 @@ from clp_jax.train.state import abstract_state
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 PAPER_CONFIGS = sorted(CONFIGS.glob("train_*_german_*.yaml"))
-TINY = dict(model_type="gpt2", vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0,
+TINY = dict(model_type="gpt2", vocab_size=512, n_embd=64, n_layer=1, n_head=4, n_positions=128, bos_token_id=0,
             eos_token_id=0)
 # 2M x 1024 tied embeddings: 2.1B parameters, ~24 GiB of float32 weights and Adam moments when replicated.
 HUGE = dict(TINY, vocab_size=2**21, n_embd=1024, n_layer=1, n_head=8)
@@ -60,7 +60,7 @@ def tiny_param_bytes_fsdp4() -> int:
     vocab rows shard over fsdp (4 | 512), so the token table's embed dim stays whole; every other `embed`
     dim shards over fsdp (4 | 64); heads/mlp would go to `tensor` (size 1); norms and q/k/v/up biases replicate.
     """
-    e, v, p, n, h, d, m = 64, 512, 128, 2, 4, 16, 256
+    e, v, p, n, h, d, m = 64, 512, 128, 1, 4, 16, 256
     per_layer = (2 * e + 3 * e * h * d / 4 + 3 * h * d + h * d * e / 4 + e / 4
                  + 2 * e + e * m / 4 + m + m * e / 4 + e / 4)
     return int(4 * (v * e / 4 + p * e / 4 + n * per_layer + 2 * e))

@@ -1,5 +1,6 @@
-"""Every benchmark and check script under scripts/ still imports and explains itself (`--help`); bench_train runs."""
+"""Every script under scripts/ explains itself (`--help`, a child process); bench_train runs in this process."""
 
+import importlib.util
 import json
 import pathlib
 import subprocess
@@ -23,17 +24,24 @@ def test_script_help_runs(script):
     assert "usage:" in done.stdout
 
 
-def run_bench_train(*args: str) -> dict:
+def bench_train_main(monkeypatch, *args: str) -> None:
+    """scripts/bench_train.py's main in this process (its imports and compiles are shared with the suite)."""
     path = pathlib.Path(__file__).parents[1] / "scripts" / "bench_train.py"
-    done = subprocess.run([sys.executable, str(path), *args, "--steps", "1", "--rounds", "1"], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(path), *args])
+    module.main()
 
 
-def test_bench_train_cpu_comparison_runs_on_tiny_shapes(tmp_path):
-    out = run_bench_train("--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64", "--seq-len", "16",
-                          "--batch", "2", "--profile", str(tmp_path))
+def run_bench_train(monkeypatch, capsys, *args: str) -> dict:
+    bench_train_main(monkeypatch, *args, "--steps", "1", "--rounds", "1")
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_train_cpu_comparison_runs_on_tiny_shapes(tmp_path, monkeypatch, capsys):
+    out = run_bench_train(monkeypatch, capsys, "--layers", "1", "--d-model", "32", "--heads", "2", "--vocab", "64",
+                          "--seq-len", "16", "--batch", "2", "--profile", str(tmp_path))
     cfg = TransformerConfig(arch="gpt2", vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                             head_dim=16, intermediate_size=128, norm="layernorm", norm_eps=1e-5,
                             activation="gelu_tanh", gated_mlp=False, position="learned", max_position_embeddings=16,
@@ -47,8 +55,8 @@ def test_bench_train_cpu_comparison_runs_on_tiny_shapes(tmp_path):
     assert {"matmuls", "attention", "norms+residual", "loss", "optimizer+other"} <= set(out["profile_ms"])
 
 
-def test_bench_train_gpu_path_runs_tiny_on_cpu():
-    out = run_bench_train("--backend", "gpu", "--tiny", "--attention", "xla", "cudnn")
+def test_bench_train_gpu_path_runs_tiny_on_cpu(monkeypatch, capsys):
+    out = run_bench_train(monkeypatch, capsys, "--backend", "gpu", "--tiny", "--attention", "xla", "cudnn")
     cfg = read_config(str(pathlib.Path(__file__).parents[1] / "configs" / "arch" / "llama-3.2-1b"))
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.vocab_size) == (16, 2048, 8, 128256)
     tiny = cfg.replace(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
@@ -60,7 +68,7 @@ def test_bench_train_gpu_path_runs_tiny_on_cpu():
     assert "runs on GPUs" in out["attention"]["cudnn"]["error"]  # reported, and the other implementation still ran
 
 
-def test_bench_train_gpu_backend_without_gpu_says_so():
-    path = pathlib.Path(__file__).parents[1] / "scripts" / "bench_train.py"
-    done = subprocess.run([sys.executable, str(path), "--backend", "gpu"], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "JAX sees no GPU" in done.stderr
+def test_bench_train_gpu_backend_without_gpu_says_so(monkeypatch):
+    with pytest.raises(SystemExit) as exc:
+        bench_train_main(monkeypatch, "--backend", "gpu")
+    assert exc.value.code != 0 and "JAX sees no GPU" in str(exc.value.code)

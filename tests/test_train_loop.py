@@ -13,9 +13,11 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 from train_setup import make_train_config
+from train_worker import FaultTrainer
 
 from clp_jax.cli.main import main
 from clp_jax.data.pipeline import holdout_mask
+from clp_jax.train import loop
 from clp_jax.train.run_log import read_metrics
 
 TESTS = os.path.dirname(__file__)
@@ -123,26 +125,37 @@ def test_eval_bits_per_byte_matches_pytorch_on_the_held_out_documents(tmp_path):
     assert {"eval/en/loss", "eval/en/bpb", "eval/de/bpb"} <= tensorboard_tags(str(run))
 
 
-@pytest.mark.parametrize("signal_name,at_step", [("SIGKILL", 10), ("SIGTERM", 6)])
-def test_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, signal_name, at_step):
+def in_process(monkeypatch, capsys, config, signal_name, at_step, *overrides):
+    """`clp-jax train` in this process with train_worker's FaultTrainer: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(loop, "Trainer", type("Fault", (FaultTrainer,), {"signal_name": signal_name,
+                                                                         "at_step": at_step}))
+    code = main(["train", "--config", config, *overrides])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys):
+    """Preempted (SIGTERM) at step 6, resumed in a child process killed (SIGKILL) at step 10, resumed again: the
+    final weights are the uninterrupted run's, bit for bit, and each step is logged once."""
     root, config = uninterrupted
     run_dir = str(tmp_path / "run")
-    first = worker(config, signal_name, at_step, f"run_dir={run_dir}")
-    if signal_name == "SIGKILL":
-        assert first.returncode == -9, first.stderr[-2000:]
-        assert not os.path.exists(os.path.join(run_dir, "hf", "final"))
-        saved = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
-        assert max(r["step"] for r in read_metrics(run_dir)) == at_step > saved  # logged past the checkpoint
-    else:  # the preemption handler saves at the next step and exits 75 (EX_TEMPFAIL: try again)
-        assert first.returncode == 75, first.stderr[-2000:]
-        assert json.loads(first.stdout.strip().splitlines()[-1])["status"] == "preempted"
-        assert os.path.isdir(os.path.join(run_dir, "checkpoints", str(at_step + 1)))
-        last = first.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"clp-jax train: preempted: saved step {at_step + 1} in ") and "rerun" in last
-    second = worker(config, "none", 0, f"run_dir={run_dir}")
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "resumed from checkpoint at step" in second.stderr
-    assert json.loads(second.stdout.strip().splitlines()[-1])["status"] == "finished"
+    code, out, err = in_process(monkeypatch, capsys, config, "SIGTERM", 6, f"run_dir={run_dir}")
+    # the preemption handler saves at the next step and exits 75 (EX_TEMPFAIL: try again)
+    assert code == 75, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "preempted"
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "7"))
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("clp-jax train: preempted: saved step 7 in ") and "rerun" in last
+    killed = worker(config, "SIGKILL", 10, f"run_dir={run_dir}")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert "resumed from checkpoint at step 7" in killed.stderr
+    assert not os.path.exists(os.path.join(run_dir, "hf", "final"))
+    saved = max(int(s) for s in os.listdir(os.path.join(run_dir, "checkpoints")) if s.isdigit())
+    assert max(r["step"] for r in read_metrics(run_dir)) == 10 > saved >= 7  # logged past the checkpoint
+    code, out, err = in_process(monkeypatch, capsys, config, "none", 0, f"run_dir={run_dir}")
+    assert code == 0, err[-2000:]
+    assert f"resumed from checkpoint at step {saved}" in err
+    assert json.loads(out.strip().splitlines()[-1])["status"] == "finished"
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))  # each step logged once
     want, got = final_weights(root / "run"), final_weights(run_dir)
     for k in want:
