@@ -1,12 +1,17 @@
 """Shared fixtures: 8 simulated devices, tiny tokenizers and tiny random HF models made in the test."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # 8 simulated devices; optimization level 0 roughly halves XLA:CPU compile time, which dominates these tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
-# One compilation cache for the session, shared with the subprocesses that tests start.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="clp-jax-test-xla-cache-"))
+# One compilation cache for the session, shared with the xdist workers and the subprocesses that tests start;
+# removed when the process that made it exits.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="clp-jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # libtpu (installed for the plan test) would make every JAX process probe for a TPU first; plan compiles for
