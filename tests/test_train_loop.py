@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 from train_setup import make_train_config
-from train_worker import FaultTrainer
+from train_worker import fault_trainer
 
 from clp_jax.cli.main import main
 from clp_jax.data.pipeline import holdout_mask
@@ -126,9 +126,8 @@ def test_eval_bits_per_byte_matches_pytorch_on_the_held_out_documents(tmp_path):
 
 
 def in_process(monkeypatch, capsys, config, signal_name, at_step, *overrides):
-    """`clp-jax train` in this process with train_worker's FaultTrainer: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(loop, "Trainer", type("Fault", (FaultTrainer,), {"signal_name": signal_name,
-                                                                         "at_step": at_step}))
+    """`clp-jax train` in this process with train_worker's fault injection: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(loop, "Trainer", fault_trainer(signal_name, at_step))
     code = main(["train", "--config", config, *overrides])
     out, err = capsys.readouterr()
     return code, out, err

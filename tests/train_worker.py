@@ -1,5 +1,5 @@
 """Run `clp-jax train` (the CLI, exit code included) in a child process, optionally signalling itself after a
-given step (fault injection)."""
+given step (fault injection); tests import ``fault_trainer`` to do the same in their own process."""
 
 import os
 import signal
@@ -26,7 +26,11 @@ class FaultTrainer(Trainer):
         return super().run(kill_at)
 
 
+def fault_trainer(signal_name: str, at_step: int) -> type[FaultTrainer]:
+    """A FaultTrainer sending ``signal_name`` ("none": nothing) after ``at_step``, to stand in for loop.Trainer."""
+    return type("FaultTrainerAt", (FaultTrainer,), {"signal_name": signal_name, "at_step": at_step})
+
+
 if __name__ == "__main__":
-    config, FaultTrainer.signal_name, FaultTrainer.at_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    loop.Trainer = FaultTrainer  # what the CLI instantiates
-    sys.exit(main(["train", "--config", config, *sys.argv[4:]]))
+    loop.Trainer = fault_trainer(sys.argv[2], int(sys.argv[3]))  # what the CLI instantiates
+    sys.exit(main(["train", "--config", sys.argv[1], *sys.argv[4:]]))
