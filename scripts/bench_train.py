@@ -5,7 +5,9 @@ GPT-2-style model (default 6 layers, d=512, 8 heads, seq 256, vocab 8192, batch 
 sides, float32, timed in alternating rounds in one process; MFU is measured against the float32 matmul rate
 this machine reaches in the same run. Also times the step's matmuls alone (same shapes and transposes, one
 jit, nothing else): that floor bounds the speedup any JAX implementation could reach here. The JSON line
-has `speedup_vs_pytorch`, `mfu`, `matmul_floor_vs_pytorch` and `floor_fraction` (our tokens/s / the floor's).
+has `speedup_vs_pytorch`, `mfu`, `matmul_floor_vs_pytorch`, `floor_fraction` (our tokens/s / the floor's) and
+`malloc_kept` (glibc's malloc set to keep freed memory, as `clp-jax train` does on a CPU; `--malloc-defaults`
+leaves it alone).
 
 ``gpu``: tokens/s and MFU against the chip's vendor bf16 peak (``clp_jax.chips``) of one accelerator, for a
 1B-class Llama (``--arch``, default configs/arch/llama-3.2-1b, random weights), bfloat16 compute over
@@ -40,6 +42,7 @@ from clp_jax import models
 from clp_jax.chips import chip_for_device_kind
 from clp_jax.errors import ClpError
 from clp_jax.hf.reader import read_config
+from clp_jax.host_memory import keep_freed_memory
 from clp_jax.models.config import TransformerConfig
 from clp_jax.sharding import make_mesh
 from clp_jax.train.flops import train_step_flops
@@ -221,6 +224,7 @@ def time_torch(cfg: TransformerConfig, batches: list[dict], steps: int):
 
 def compare_cpu(args: argparse.Namespace) -> None:
     """Our step vs PyTorch's and vs the matmul floor on this CPU, float32, GPT-2 shapes."""
+    malloc_kept = False if args.malloc_defaults else keep_freed_memory()  # as `clp-jax train` does on a CPU
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -235,6 +239,9 @@ def compare_cpu(args: argparse.Namespace) -> None:
     state, ours, step = time_ours(cfg, batches, args.steps)
     theirs = time_torch(cfg, batches, args.steps)
     floor = time_matmul_floor(cfg, args.batch, args.seq_len)
+    state = ours(state)[0]  # an untimed round of each: malloc's heap grows to the step's peak
+    theirs(None)
+    floor()
     ours_t, torch_t, floor_t = [], [], []
     for _ in range(args.rounds):
         state, t, ours_loss = ours(state)
@@ -273,7 +280,7 @@ def compare_cpu(args: argparse.Namespace) -> None:
                       "pytorch_mfu": round(torch_mfu, 4), "peak_gflops": round(peak / 1e9, 1),
                       "step_gflop": round(flops / 1e9, 4), "device": jax.devices()[0].device_kind,
                       "layers": cfg.num_layers, "d_model": cfg.hidden_size, "seq_len": args.seq_len,
-                      "batch": args.batch, **({"profile_ms": profile} if profile else {})}))
+                      "batch": args.batch, "malloc_kept": malloc_kept, **({"profile_ms": profile} if profile else {})}))
 
 
 
@@ -368,6 +375,9 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="gpu: a 2-layer, width-64 model of --arch's family")
     p.add_argument("--logits-chunk", type=int, default=None, help="gpu: model.logits_chunk (None: all)")
     p.add_argument("--remat", default="none", help="gpu: model.remat policy")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="cpu: leave glibc's malloc as it is (by default it keeps freed memory, as `clp-jax train` "
+                        "does on a CPU: clp_jax.host_memory)")
     p.add_argument("--profile", metavar="DIR", help="cpu: also trace two steps into DIR and print where the time goes")
     args = p.parse_args()
     try:

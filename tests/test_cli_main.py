@@ -115,3 +115,35 @@ def test_a_preempted_pipeline_exits_75_with_one_line(monkeypatch, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["clp-jax train: preempted: runs/x: training stopped at step 7 (preempted); rerun the same "
                      "command to resume it (exit 75)"]
+
+
+@pytest.mark.parametrize("platforms, expected", [("cpu", True), ("cpu,tpu", True), ("tpu", False), ("cuda", False)])
+def test_runs_on_cpu_follows_jax_platforms(monkeypatch, platforms, expected):
+    from clp_jax.cli import main as cli_main
+
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert cli_main.runs_on_cpu() is expected
+
+
+def test_runs_on_cpu_without_jax_platforms_asks_for_plugins_and_tpus(monkeypatch):
+    from clp_jax import chips
+    from clp_jax.cli import main as cli_main
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    for plugins, tpu, expected in [(False, False, True), (True, False, False), (False, True, False)]:
+        monkeypatch.setattr(cli_main, "_jax_plugins_installed", lambda plugins=plugins: plugins)
+        monkeypatch.setattr(chips, "host_has_tpu", lambda tpu=tpu: tpu)
+        assert cli_main.runs_on_cpu() is expected
+
+
+@pytest.mark.parametrize("command, called", [("train", True), ("sft", True), ("eval", False)])
+def test_training_commands_on_a_cpu_keep_freed_memory(monkeypatch, tmp_path, command, called):
+    from clp_jax import host_memory
+
+    calls = []
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(command) or False)
+    argv = ["--config", str(tmp_path / "missing.yaml")] if command != "eval" else \
+        ["--model", str(tmp_path / "missing"), "--data", str(tmp_path / "x.txt")]
+    assert main([command, *argv]) == 2
+    assert calls == ([command] if called else [])

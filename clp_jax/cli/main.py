@@ -70,6 +70,20 @@ def keep_jax_off_libtpu(command: str) -> None:
             sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
+# Commands whose time goes into train steps; on a CPU they keep freed memory for the next step (clp_jax.host_memory).
+TRAINING_COMMANDS = ("train", "sft", "study", "demo")
+
+
+def runs_on_cpu() -> bool:
+    """Whether JAX will pick its CPU backend, decided before it starts: JAX_PLATFORMS, else no plugin and no TPU."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    from clp_jax.chips import host_has_tpu
+
+    return not _jax_plugins_installed() and not host_has_tpu()
+
+
 def _jax_plugins_installed() -> bool:
     """Whether a PJRT plugin (CUDA, ROCm, ...) is installed, whose platform jax should keep choosing."""
     from importlib.metadata import entry_points
@@ -97,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(command_named(argv)).parse_args(argv)
     keep_jax_off_libtpu(args.command)
+    if args.command in TRAINING_COMMANDS and runs_on_cpu():
+        from clp_jax.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     show_clp_warnings(args.command)
     try:
         return int(args.func(args) or 0)
