@@ -24,13 +24,18 @@ def keep_freed_memory() -> bool:
     A thread keeps the arena it first allocated from, so this only helps before JAX starts its CPU client:
     after that it changes nothing and returns False, as it does where the C library is not glibc.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _jax_backend_started():
+    if not is_glibc() or _jax_backend_started():
         return False
     mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # -1 is SIZE_MAX to glibc: the top of the heap is never handed back.
     settings = [(_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 64 << 20)]
     return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc, whose mallopt keep_freed_memory calls."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def _jax_backend_started() -> bool:

@@ -2,14 +2,13 @@
 page-faulting it in again on every call (counted by the kernel, in a fresh process each way)."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import jax
 import pytest
 
-from clp_jax.host_memory import keep_freed_memory
+from clp_jax.host_memory import is_glibc, keep_freed_memory
 
 # Minor page faults per call: the fewest over three windows of five calls, after five warm-up calls.
 # The [2048, 8192] float32 product is a 64 MB temporary of each call.
@@ -29,8 +28,7 @@ for _ in range(4):
 print(kept, min(windows[1:]))
 """
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="mallopt is glibc's")
+glibc_only = pytest.mark.skipif(not is_glibc(), reason="mallopt is glibc's")
 
 
 def faults_per_call(mode: str) -> tuple[str, float]:
