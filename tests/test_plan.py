@@ -264,17 +264,20 @@ def test_unknown_search_names_are_one_line_naming_them(flag, value, bad, capsys)
     assert exc.value.code == 2 and err.startswith(f"clp-jax plan: error: argument {flag}: {bad}: expected names from")
 
 
-def test_flops_within_half_a_percent_tie_and_headroom_breaks_the_tie():
+def test_flops_within_half_a_percent_tie_broken_by_fused_kernel_then_headroom():
     from types import SimpleNamespace
 
-    def cand(name, flops, headroom_gib, fits=True):
+    def cand(name, flops, headroom_gib, fits=True, attention="xla"):
         return SimpleNamespace(name=name, step_flops=flops, headroom_bytes=int(headroom_gib * 2**30), fits=fits,
-                               xla_flops_per_step=flops)
+                               xla_flops_per_step=flops, attention=attention)
 
-    xla, splash = cand("xla", 1.000e15, 8.0), cand("splash", 1.004e15, 8.2)  # 0.4% more FLOPs, more headroom
+    xla, splash = cand("xla", 1.000e15, 8.4), cand("splash", 1.004e15, 8.2, attention="splash")  # 0.4% more FLOPs
     light = cand("light", 0.990e15, 0.5)  # fewest FLOPs but under the 1 GiB asked for
     big = cand("none", 0.80e15, 40, fits=False)
-    assert plan_module.choose_candidate([xla, splash, light, big], 2**30).name == "splash"
-    assert plan_module.choose_candidate([xla, cand("slower", 1.006e15, 9.0)], 2**30).name == "xla"  # 0.6%: no tie
+    assert plan_module.choose_candidate([xla, splash, light, big], 2**30).name == "splash"  # kernel beats headroom
+    roomy = cand("roomy", 1.003e15, 9.0)
+    assert plan_module.choose_candidate([xla, roomy], 2**30).name == "roomy"  # no kernel tied: headroom decides
+    assert plan_module.choose_candidate([xla, cand("slower", 1.006e15, 9.0, attention="splash")],
+                                        2**30).name == "xla"  # 0.6%: no tie
     assert plan_module.choose_candidate([light], 0).name == "light"
     assert plan_module.choose_candidate([light, big], 2**30) is None

@@ -279,7 +279,7 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
         remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk, xla_error=xla["error"])
 
 
-# Relative FLOPs difference below which two candidates tie in a search (then the one with more headroom wins).
+# Relative FLOPs difference below which two candidates tie in a search (then a fused kernel, then headroom wins).
 FLOPS_TIE = 0.005
 
 # The remat policies a search tries by default, from the most saved (fewest FLOPs) to the least.
@@ -346,10 +346,12 @@ def plan_search(cfg: TrainConfig, topology: str, mfu: float = 0.4, min_headroom_
 
 
 def choose_candidate(reports: Sequence[PlanReport], min_headroom_bytes: int) -> PlanReport | None:
-    """The fewest FLOPs per step that fits with ``min_headroom_bytes`` to spare, FLOPs within ``FLOPS_TIE``
-    counting as equal and broken by headroom; None when nothing fits."""
+    """The fewest FLOPs per step that fits with ``min_headroom_bytes`` to spare; None when nothing fits.
+
+    FLOPs within ``FLOPS_TIE`` count as equal. A fused kernel then wins (it never writes the scores to HBM, a
+    cost FLOP counts do not see), then the most headroom."""
     fitting = [r for r in reports if r.fits and r.headroom_bytes >= min_headroom_bytes
                and r.xla_flops_per_step is not None]
     fewest = min((r.step_flops for r in fitting), default=0.0)
     tied = [r for r in fitting if r.step_flops <= fewest * (1 + FLOPS_TIE)]
-    return max(tied, key=lambda r: (r.headroom_bytes, -r.step_flops), default=None)
+    return max(tied, key=lambda r: (r.attention != "xla", r.headroom_bytes, -r.step_flops), default=None)
