@@ -51,6 +51,8 @@ def test_bench_train_cpu_comparison_runs_on_tiny_shapes(tmp_path, monkeypatch, c
     assert out["step_gflop"] == pytest.approx((6 * n * 32 + 12 * 32 * 16 * 32) / 1e9, abs=1e-4)
     assert out["tokens_per_s"] > 0 and out["pytorch_tokens_per_s"] > 0
     assert out["floor_fraction"] == pytest.approx(out["tokens_per_s"] / out["matmul_floor_tokens_per_s"], rel=1e-2)
+    assert isinstance(out["page_faults_per_step"], int) and out["page_faults_per_step"] >= 0
+    assert 1 <= out["warm_rounds"] <= (6 if out["malloc_kept"] else 1)
     # MFU's peak is the fastest rate the run saw, so no product timed alone beats it.
     assert out["peak_gflops"] >= max(out["matmul_gflops_by_kind"].values()) - 0.1
     # The trace's thunks are told apart: the dots, and the attention, loss and optimizer elementwise work.
