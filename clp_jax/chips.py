@@ -13,23 +13,25 @@ GIB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator: JAX device_kind prefixes, dense bf16 peak FLOP/s and HBM per chip, libtpu's chip config."""
+    """One accelerator: JAX device_kind prefixes, dense bf16 peak FLOP/s, HBM per chip and its bandwidth
+    (bytes/s), libtpu's chip config."""
 
     device_kinds: tuple[str, ...]
     peak_flops: float
     hbm_bytes: int
+    hbm_bandwidth: float
     chip_config: str | None = None  # v4: one JAX device per chip (megacore), as on a v4 VM
 
 
-# Cloud TPU docs and NVIDIA datasheets (dense bf16, no sparsity).
+# Cloud TPU docs and NVIDIA datasheets (dense bf16, no sparsity; HBM GB/s as published, 1e9 bytes).
 CHIPS: dict[str, Chip] = {
-    "v4": Chip(("TPU v4",), 275e12, 32 * GIB, "megacore"),
-    "v5e": Chip(("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB),
-    "v5p": Chip(("TPU v5p", "TPU v5"), 459e12, 95 * GIB),  # v5p devices report "TPU v5"
-    "v6e": Chip(("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB),
-    "a100": Chip(("NVIDIA A100",), 312e12, 80 * GIB),
-    "h100": Chip(("NVIDIA H100",), 989e12, 80 * GIB),
-    "h200": Chip(("NVIDIA H200",), 989e12, 141 * GIB),
+    "v4": Chip(("TPU v4",), 275e12, 32 * GIB, 1200e9, "megacore"),
+    "v5e": Chip(("TPU v5 lite", "TPU v5e"), 197e12, 16 * GIB, 819e9),
+    "v5p": Chip(("TPU v5p", "TPU v5"), 459e12, 95 * GIB, 2765e9),  # v5p devices report "TPU v5"
+    "v6e": Chip(("TPU v6 lite", "TPU v6e"), 918e12, 32 * GIB, 1640e9),
+    "a100": Chip(("NVIDIA A100",), 312e12, 80 * GIB, 2039e9),
+    "h100": Chip(("NVIDIA H100",), 989e12, 80 * GIB, 3350e9),
+    "h200": Chip(("NVIDIA H200",), 989e12, 141 * GIB, 4800e9),
 }
 TPU_GENERATIONS = ("v4", "v5e", "v5p", "v6e")
 

@@ -83,8 +83,11 @@ def test_plan_tiny_gpt2_on_v5e_2x2_fits(tiny, tmp_path):
     assert report.flops_per_step == train_step_flops(read_config(tiny), tokens, 128)
     assert 0.8 < report.xla_flops_per_step / report.flops_per_step < 1.5  # XLA's own count of the compiled step
     assert report.tokens_per_s == pytest.approx(0.5 * 4 * 197e12 * tokens / report.flops_per_step)
+    # AdamW reads every parameter and both moments of this chip's shard at least once.
+    assert report.xla_bytes_accessed_per_chip >= report.param_bytes + report.opt_state_bytes
+    assert report.hbm_step_seconds == pytest.approx(report.xla_bytes_accessed_per_chip / 819e9)
     table = report.format_table()
-    assert "FITS" in table and "v5e:2x2" in table
+    assert "FITS" in table and "v5e:2x2" in table and "at 819 GB/s" in table
 
 
 def test_model_config_is_the_init_architecture_with_the_runs_numerics(tiny, tmp_path):

@@ -82,6 +82,10 @@ class PlanReport:
     remat: str = "none"
     logits_chunk: int | None = None
     xla_error: str | None = None  # XLA's out-of-memory message when the program cannot be laid out in HBM
+    # XLA's cost analysis: bytes its ops read and write per chip per step (x grad_accum_steps), the HBM
+    # traffic FLOPs do not show (xla attention's [T, T] scores; a Pallas kernel counts only its operands)
+    xla_bytes_accessed_per_chip: float | None = None
+    hbm_bandwidth: float = 0.0  # bytes/s per chip
 
     @property
     def step_flops(self) -> float | None:
@@ -93,10 +97,17 @@ class PlanReport:
         """Seconds per step if every chip ran ``step_flops`` at its bf16 peak."""
         return None if self.step_flops is None else self.step_flops / (self.chips * self.peak_flops_per_chip)
 
+    @property
+    def hbm_step_seconds(self) -> float | None:
+        """Seconds per step if each chip moved ``xla_bytes_accessed_per_chip`` at its HBM bandwidth."""
+        if self.xla_bytes_accessed_per_chip is None or not self.hbm_bandwidth:
+            return None
+        return self.xla_bytes_accessed_per_chip / self.hbm_bandwidth
+
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.update(total_gib=self.total_bytes / GIB, hbm_gib=self.hbm_bytes / GIB, step_flops=self.step_flops,
-                   peak_step_seconds=self.peak_step_seconds)
+                   peak_step_seconds=self.peak_step_seconds, hbm_step_seconds=self.hbm_step_seconds)
         return out
 
     def format_table(self) -> str:
@@ -106,6 +117,8 @@ class PlanReport:
         if self.kernel_flops_per_step:
             xla += f" + {self.kernel_flops_per_step:.4g} XLA cannot count (Splash kernels, loss chunks)"
         peak = "n/a" if self.peak_step_seconds is None else f"{self.peak_step_seconds:.3g} s"
+        hbm = ("n/a" if self.hbm_step_seconds is None else f"{self.xla_bytes_accessed_per_chip / GIB:.1f} GiB per "
+               f"chip per step (XLA's count): {self.hbm_step_seconds:.3g} s at {self.hbm_bandwidth / 1e9:.0f} GB/s")
         verdict = (f"FITS with {self.headroom_bytes / GIB:.2f} GiB headroom" if self.fits
                    else f"DOES NOT FIT: {-self.headroom_bytes / GIB:.2f} GiB over")
         lines = [
@@ -122,6 +135,7 @@ class PlanReport:
             f"tokens per step   {self.tokens_per_step:,}",
             f"FLOPs per step    {self.flops_per_step:.4g} (model), {xla} (XLA, with recomputation; {peak} per "
             "step at peak)",
+            f"HBM traffic       {hbm}",
             f"at MFU {self.mfu:.0%}        {self.tokens_per_s:,.0f} tokens/s, {self.step_seconds:.3g} s/step "
             f"({self.peak_flops_per_chip / 1e12:.0f} TFLOP/s bf16 peak per chip)",
             f"compile           {self.compile_seconds:.1f} s",
@@ -201,17 +215,19 @@ def _xla_oom_bytes(message: str) -> int | None:
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": GIB, "T": 2**40}[m.group(2)])
 
 
-def _xla_flops(compiled: Any) -> float | None:
+def _xla_costs(compiled: Any) -> tuple[float | None, float | None]:
+    """Per-chip FLOPs and bytes accessed from XLA's cost analysis (None where it has no count)."""
     costs = compiled.cost_analysis()
     if isinstance(costs, (list, tuple)):
         costs = costs[0] if costs else None
-    flops = (costs or {}).get("flops")
-    return float(flops) if flops is not None and flops >= 0 else None
+    counts = [(costs or {}).get(key) for key in ("flops", "bytes accessed")]
+    return tuple(float(c) if c is not None and c >= 0 else None for c in counts)
 
 
 def compile_for_memory(step: Any, state: Any, batch: Any) -> dict[str, Any]:
-    """Compile ``step`` for its devices: per-chip ``total``, ``temp`` and ``code`` bytes, per-chip ``flops`` and
-    ``error``, XLA's message when the program does not fit in HBM (``total`` is then XLA's requirement)."""
+    """Compile ``step`` for its devices: per-chip ``total``, ``temp`` and ``code`` bytes, per-chip ``flops``,
+    ``bytes`` accessed and ``error``, XLA's message when the program does not fit in HBM (``total`` is then
+    XLA's requirement)."""
     try:
         compiled = step.lower(state, batch).compile()
     except jax.errors.JaxRuntimeError as e:
@@ -219,11 +235,13 @@ def compile_for_memory(step: Any, state: Any, batch: Any) -> dict[str, Any]:
         if needed is None:
             raise
         temp = max(needed - bytes_per_device((state, batch)), 0)
-        return {"total": needed, "temp": temp, "code": 0, "flops": None, "error": str(e).strip().splitlines()[0]}
+        return {"total": needed, "temp": temp, "code": 0, "flops": None, "bytes": None,
+                "error": str(e).strip().splitlines()[0]}
     mem = compiled.memory_analysis()
     temp, code = int(mem.temp_size_in_bytes), int(mem.generated_code_size_in_bytes)
     total = int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes) + temp + code
-    return {"total": total, "temp": temp, "code": code, "flops": _xla_flops(compiled), "error": None}
+    flops, accessed = _xla_costs(compiled)
+    return {"total": total, "temp": temp, "code": code, "flops": flops, "bytes": accessed, "error": None}
 
 
 def chunked_loss_flops(cfg: TransformerConfig, rows: int, seq_len: int) -> float:
@@ -276,7 +294,9 @@ def plan(cfg: TrainConfig, topology: str, mfu: float = 0.4) -> PlanReport:
         xla_flops_per_step=None if xla["flops"] is None else xla["flops"] * len(devices) * cfg.grad_accum_steps,
         mfu=mfu, peak_flops_per_chip=chip.peak_flops, tokens_per_s=tokens_per_s, step_seconds=tokens / tokens_per_s,
         compile_seconds=compile_seconds, kernel_flops_per_step=kernel_flops, attention=model_cfg.attention,
-        remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk, xla_error=xla["error"])
+        remat=model_cfg.remat, logits_chunk=model_cfg.logits_chunk, xla_error=xla["error"],
+        xla_bytes_accessed_per_chip=None if xla["bytes"] is None else xla["bytes"] * cfg.grad_accum_steps,
+        hbm_bandwidth=chip.hbm_bandwidth)
 
 
 # Relative FLOPs difference below which two candidates tie in a search (then a fused kernel, then headroom wins).
@@ -301,14 +321,15 @@ class SearchReport:
     def format_table(self) -> str:
         """One line per candidate; the chosen one marked with ``*``."""
         lines = [f"{'':2}{'attention':10}{'remat':34}{'chunk':>6}{'total GiB':>11}{'temp GiB':>10}{'XLA FLOPs':>12}"
-                 f"{'s/step@peak':>13}  fits"]
+                 f"{'s/step@peak':>13}{'s/step@HBM':>12}  fits"]
         for c in self.candidates:
             mark = "*" if c is self.best else " "
             flops = "n/a" if c.step_flops is None else f"{c.step_flops:.4g}"
             peak = "n/a" if c.peak_step_seconds is None else f"{c.peak_step_seconds:.4g}"
+            hbm = "n/a" if c.hbm_step_seconds is None else f"{c.hbm_step_seconds:.4g}"
             fits = "yes" if c.fits and c.headroom_bytes >= self.min_headroom_bytes else "no" if not c.fits else "tight"
             lines.append(f"{mark} {c.attention:10}{c.remat:34}{c.logits_chunk or '-':>6}{c.total_bytes / GIB:11.2f}"
-                         f"{c.temp_bytes / GIB:10.2f}{flops:>12}{peak:>13}  {fits}")
+                         f"{c.temp_bytes / GIB:10.2f}{flops:>12}{peak:>13}{hbm:>12}  {fits}")
         lines.append("chosen: " + ("none fits with %.2f GiB headroom" % (self.min_headroom_bytes / GIB)
                                    if self.best is None else
                                    f"model.attention={self.best.attention} model.remat={self.best.remat} "
