@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="", help="comma-separated name parts, e.g. bloom7b1_german_v5e (default all)")
     p.add_argument("--attention", type=comma_names(ATTENTION_IMPLEMENTATIONS), default=None,
-                   help="comma-separated implementations (default: xla and the TPU kernel)")
+                   help="comma-separated implementations (default: the TPU kernel the model allows, else xla)")
     p.add_argument("--remat", type=comma_names(REMAT_POLICIES), default=SEARCH_REMAT,
                    help="comma-separated remat policies")
     p.add_argument("--min-headroom", type=float, default=1.0, help="GiB per chip the choice must leave free")

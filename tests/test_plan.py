@@ -227,6 +227,16 @@ def test_cli_plans_splash_on_v5e_2x2(tmp_path, capsys):
     assert "chosen: model.attention=splash model.remat=full" in err
 
 
+def test_search_candidates_default_to_autos_attention(tmp_path):
+    cfg = load_config(TrainConfig, train_yaml(tmp_path / "t.yaml", write_arch(tmp_path, "tiny128", TINY_128)))
+    remats = ("none", "full")
+    # On TPU the fused kernel only: xla attention can win on FLOPs while moving the [T, T] scores through HBM.
+    assert plan_module.search_candidates(cfg, "tpu", remats=remats) == [("splash", r, None) for r in remats]
+    assert plan_module.search_candidates(cfg, "cpu", remats=remats) == [("xla", r, None) for r in remats]
+    assert plan_module.search_candidates(cfg, "tpu", ("xla", "splash"), remats, (None, 64)) == [
+        (a, r, c) for a in ("xla", "splash") for r in remats for c in (None, 64)]
+
+
 def test_search_chooses_the_fewest_flops_that_fit(tmp_path):
     init = write_arch(tmp_path, "tiny128", TINY_128)
     cfg = load_config(TrainConfig, train_yaml(tmp_path / "t.yaml", init))

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentPar
     p.add_argument("--init", help="HF model dir (config.json is enough) whose architecture to plan (model.init)")
     p.add_argument("--search", action="store_true", help="plan the candidates below and choose the fastest that fits")
     p.add_argument("--attention", type=comma_names(ATTENTION_IMPLEMENTATIONS), metavar="A,B",
-                   help="--search: attention implementations (default: xla and the TPU kernel the model allows)")
+                   help="--search: attention implementations (default: what auto picks, the TPU kernel where the model "
+                        "allows one, else xla)")
     p.add_argument("--remat", type=comma_names(REMAT_POLICIES), default=SEARCH_REMAT, metavar="P,Q",
                    help=f"--search: remat policies (default: {','.join(SEARCH_REMAT)})")
     p.add_argument("--logits-chunk", type=_chunks, metavar="N,M",

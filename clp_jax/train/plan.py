@@ -7,7 +7,8 @@ analysis gives the per-chip footprint. Parameters and optimizer state per chip a
 shapes; activations and other temporaries are XLA's temp buffers. FLOPs per step come from ``train_step_flops``
 (the MFU convention) and from XLA's cost analysis; tokens/s at an MFU is ``mfu * chips * peak / flops_per_token``.
 ``plan_search`` compiles candidate attention implementations x remat policies (x logits chunks) and picks the one
-with the fewest XLA FLOPs (recomputation included) that fits with the asked headroom.
+with the fewest XLA FLOPs (recomputation included) that fits with the asked headroom; by default the candidates
+use the fused kernel where the model allows one, since FLOPs do not see the [T, T] scores xla attention moves.
 """
 
 from __future__ import annotations
@@ -340,12 +341,14 @@ class SearchReport:
 def search_candidates(cfg: TrainConfig, platform: str, attentions: Sequence[str] | None = None,
                       remats: Sequence[str] = SEARCH_REMAT,
                       logits_chunks: Sequence[int | None] | None = None) -> list[tuple[str, str, int | None]]:
-    """(attention, remat, logits_chunk) triples to compile; by default every kernel the model allows on
-    ``platform`` (xla and the platform's, unless it cannot serve the model) and the config's logits chunk."""
+    """(attention, remat, logits_chunk) triples to compile; by default ``auto``'s choice on ``platform`` (its
+    fused kernel, or xla where the kernel cannot serve the model) and the config's logits chunk.
+
+    xla attention is left out by default where a kernel runs: it can win on FLOPs (no tile recomputation) while
+    it writes and reads the [T, T] probabilities in HBM, which the FLOP count does not see."""
     if attentions is None:
         model_cfg, _ = model_config(cfg)
-        kernel = attention.resolve(model_cfg.replace(attention="auto"), platform, cfg.data.seq_len).attention
-        attentions = tuple(dict.fromkeys(("xla", kernel)))
+        attentions = (attention.resolve(model_cfg.replace(attention="auto"), platform, cfg.data.seq_len).attention,)
     chunks = (cfg.model.logits_chunk,) if logits_chunks is None else tuple(logits_chunks)
     return [(a, r, c) for a in attentions for r in remats for c in chunks]
 
@@ -355,7 +358,7 @@ def plan_search(cfg: TrainConfig, topology: str, mfu: float = 0.4, min_headroom_
                 logits_chunks: Sequence[int | None] | None = None) -> SearchReport:
     """Plan every candidate; choose the fewest ``step_flops`` (XLA's and the kernels') that fits with
     ``min_headroom_gib`` to spare. FLOPs within ``FLOPS_TIE`` of the fewest count as equal (a FLOP count is not
-    a step time); among those the most headroom wins (``choose_candidate``)."""
+    a step time); among those a fused kernel, then the most headroom wins (``choose_candidate``)."""
     parse_topology(topology)  # a bad name fails before the first compile
     reports = []
     for attn, remat, chunk in search_candidates(cfg, "tpu", attentions, remats, logits_chunks):
