@@ -4,7 +4,8 @@ XLA:CPU allocates a step's temporaries afresh on every execution, and glibc's ma
 its per-thread heaps' free tops) back to the kernel when they are freed, so each step page-faults the same
 memory in again: on the bench's GPT-2 (scripts/bench_train.py) 182k faults, about 700 MB, and a fifth of the
 two cores' time in the kernel. One arena that never maps big blocks separately and never trims keeps freed
-memory for the next step instead; the process's RSS then stays at its peak.
+memory for the next step instead; the process's RSS then stays at its peak. The heap still grows by a
+temporary's size a few times first, when other allocations split the hole a freed temporary left.
 """
 
 from __future__ import annotations
