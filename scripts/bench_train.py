@@ -226,6 +226,11 @@ def time_torch(cfg: TransformerConfig, batches: list[dict], steps: int):
 WARM_ROUNDS = 6
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (memory the kernel mapped in)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def compare_cpu(args: argparse.Namespace) -> None:
     """Our step vs PyTorch's and vs the matmul floor on this CPU, float32, GPT-2 shapes."""
     malloc_kept = False if args.malloc_defaults else keep_freed_memory()  # as `clp-jax train` does on a CPU
@@ -247,19 +252,18 @@ def compare_cpu(args: argparse.Namespace) -> None:
     # the hole another's big temporary buffer needs, so the heap grows a few times before it stops.
     warm_rounds, warm = 0, False
     while not warm:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = minor_faults()
         state = ours(state)[0]
         theirs(None)
         floor()
         warm_rounds += 1
-        warm = (not malloc_kept or warm_rounds == WARM_ROUNDS
-                or resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000)
+        warm = not malloc_kept or warm_rounds == WARM_ROUNDS or minor_faults() - before < 1000
     ours_t, torch_t, floor_t = [], [], []
     faults = 0  # minor page faults during our timed steps: memory malloc did not keep (host_memory)
     for _ in range(args.rounds):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = minor_faults()
         state, t, ours_loss = ours(state)
-        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        faults += minor_faults() - before
         ours_t.append(t)
         _, t, torch_loss = theirs(None)
         torch_t.append(t)
