@@ -193,27 +193,33 @@ def _attention_fwd(q: Array, k: Array, v: Array, mask: Array, bias: Array | None
         scores = capped * softcap
     if bias is not None:
         scores = scores + _grouped(bias, kv, h // kv, t)
-    mask = _grouped(mask, kv, h // kv, t)
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    # The mask goes in as an additive bias, not a select: XLA:CPU can fuse an add, not a select on an iota
+    # mask, into the softmax kernel (one pass fewer over the scores). Masked scores round to exactly min.
+    scores = scores + jnp.where(_grouped(mask, kv, h // kv, t), 0.0, jnp.finfo(jnp.float32).min)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
     out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     out = out.astype(v.dtype)
-    return _heads_last(out, t), (qh, kh, vh, mask, probs, out, capped)
+    # Queries that see no key at all (padding) get uniform probs; their scores still get no gradient.
+    seen = _grouped(jnp.any(mask, axis=-1, keepdims=True), kv, h // kv, t)
+    return _heads_last(out, t), (qh, kh, vh, seen, probs, out, capped)
 
 
 def _attention_bwd(scale: float, softcap: float | None, res: tuple, d_out: Array) -> tuple:
-    qh, kh, vh, mask, probs, out, capped = res
+    qh, kh, vh, seen, probs, out, capped = res
     kv, t = kh.shape[1], d_out.shape[1]
     do = _rows_major(d_out, kv)
     p = probs.astype(vh.dtype)
     dv = jnp.einsum("bkrd,bkrs->bskd", do, p, preferred_element_type=jnp.float32)
-    dp = jnp.einsum("bkrd,bksd->bkrs", do, vh, preferred_element_type=jnp.float32)
-    rowsum = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    # Masked keys of a query that sees any key have probs exactly 0; a query that sees none (padding) has
+    # uniform probs, and its scores get no gradient through dO zeroed on its row ([T, D], not [T, S]).
+    do_seen = do * seen.astype(do.dtype)
+    dp = jnp.einsum("bkrd,bksd->bkrs", do_seen, vh, preferred_element_type=jnp.float32)
+    rowsum = jnp.sum(do_seen.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     ds = probs * (dp - rowsum)
     if capped is not None:  # d/dx c * tanh(x / c) = 1 - tanh(x / c)^2
         ds = ds * (1.0 - capped * capped)
-    ds = jnp.where(mask, ds, 0.0).astype(qh.dtype)
+    ds = ds.astype(qh.dtype)
     dq = jnp.einsum("bkrs,bksd->bkrd", ds, kh, preferred_element_type=jnp.float32) * scale
     dk = jnp.einsum("bkrd,bkrs->bskd", qh, ds, preferred_element_type=jnp.float32)
     return (_heads_last(dq, t).astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None)
