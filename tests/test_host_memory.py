@@ -20,7 +20,7 @@ from clp_jax.host_memory import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x, w: jnp.tanh(x @ w).T @ x)
-x, w = jnp.ones((2048, 512), jnp.float32), jnp.ones((512, 8192), jnp.float32)
+x, w = jnp.ones((2048, 64), jnp.float32), jnp.ones((64, 8192), jnp.float32)
 windows = []
 for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
