@@ -212,10 +212,11 @@ def test_tpu_host_is_recognized_from_the_pci_bus_or_accel_nodes(tmp_path):
 TINY_128 = dict(TINY, n_embd=256, n_head=2)
 
 
-def test_cli_plans_splash_on_v5e_2x2(tmp_path, capsys):
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v4:2x2x1"])
+def test_cli_plans_splash_on_each_tpu_generation(topology, tmp_path, capsys):
     init = write_arch(tmp_path, "tiny128", TINY_128)
     path = train_yaml(tmp_path / "t.yaml", init)
-    assert main(["plan", "--config", path, "--topology", "v5e:2x2", "--search", "--attention", "splash",
+    assert main(["plan", "--config", path, "--topology", topology, "--search", "--attention", "splash",
                  "--remat", "full"]) == 0
     out, err = capsys.readouterr()
     best = json.loads(out.strip().splitlines()[-1])["best"]
